@@ -1,0 +1,37 @@
+# Everything a fresh machine needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= etc/relay.ini
+
+.PHONY: run test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# compat mode puts the checkout on sys.path, so twisted/plugins/relay_plugin.py
+# is found as a dropin; the default editable mode would hide it.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e . --config-settings editable_mode=compat
+	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/twistd -n --pidfile= relay --config $(CONFIG)
+
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-test
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache

@@ -1,0 +1,173 @@
+"""
+The plugin contract.
+
+Three parts of relay are pluggable: recipient validators, delivery backends and
+queue stores.  Each comes as a pair of interfaces: the component itself, and a
+factory that twisted.plugin discovers and that builds the component from its
+configuration section.  The built-in components are registered exactly like
+third-party ones (see C{relay/plugins/}).
+
+Rules that hold for every method below:
+
+  - A method may return its result directly or a L{Deferred} that fires with
+    it.  Components must never block the reactor: blocking I/O goes through
+    C{context.blocking} (a thread pool) that the factory was given.
+  - A component that raises, or whose Deferred fails, costs one temporary
+    failure (a 451 for a validator, a deferred attempt for a backend) and a log
+    line with the traceback; it never costs the process or the session.
+  - Text is C{str}, message bodies are C{bytes}; a component never decodes a
+    body.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IPluginFactory(Interface):
+    """
+    What every relay plugin factory has, whatever it builds.
+
+    Providers also provide L{twisted.plugin.IPlugin} and live in a module of a
+    C{relay/plugins/} dropin directory, or are named by dotted path in config
+    (C{plugin = package.module:factory}).
+    """
+
+    name = Attribute("The name the configuration uses: C{plugin = NAME}. Unique per interface.")
+    description = Attribute("One line for C{--help-plugins}.")
+    keys = Attribute(
+        "Mapping of each configuration key the plugin accepts to one line of help. "
+        "The configuration layer refuses any key not listed here, naming file, "
+        "section and key, before C{build} is called."
+    )
+
+
+class IRecipientValidator(Interface):
+    """Decides, per recipient, whether the relay accepts it (RCPT TO time)."""
+
+    def validate(recipient, session):
+        """
+        Judge one recipient.
+
+        @param recipient: the address as text (C{local@domain}).
+        @param session: a L{relay.verdict.SessionInfo} snapshot.
+        @return: a L{relay.verdict.Verdict} (or a Deferred of one): CONTINUE for
+            no opinion, ACCEPT, DENY (5xx) or DENY_SOFT (4xx).
+        """
+
+
+class IRecipientValidatorFactory(IPluginFactory):
+    def build(options, context):
+        """
+        Build a validator.
+
+        @param options: mapping of the C{[validator:NAME]} keys other than
+            C{plugin}, all C{str}.
+        @param context: a L{relay.plugin.PluginContext}.
+        @raise relay.errors.OptionError: a key has a bad value.
+        @return: an L{IRecipientValidator}.
+        """
+
+
+class IDeliveryBackend(Interface):
+    """Delivers one message to a set of recipients that share a route."""
+
+    def deliver(envelope, recipients, openData):
+        """
+        Make one delivery attempt.
+
+        @param envelope: the L{relay.envelope.Envelope}; read-only.
+        @param recipients: the L{relay.envelope.Recipient}s to attempt now (a
+            subset of the envelope's, all routed to this backend).
+        @param openData: a callable returning a new binary file positioned at
+            the start of the message (CRLF line endings, trace headers the
+            receiving server added included).  The caller closes nothing; the
+            backend closes what it opens.
+        @return: a sequence of L{relay.envelope.DeliveryResult}, one per
+            recipient (or a Deferred of it).  A 2xx status means delivered, 4xx
+            retry later, 5xx bounce.  A recipient with no result is retried.
+        """
+
+    def stop():
+        """Close connections and release resources; may return a Deferred."""
+
+
+class IDeliveryBackendFactory(IPluginFactory):
+    def build(options, context):
+        """
+        Build a delivery backend from the keys of C{[delivery:NAME]} other
+        than C{plugin}.
+
+        @raise relay.errors.OptionError: a key has a bad value.
+        @return: an L{IDeliveryBackend}.
+        """
+
+
+class IIncomingMessage(Interface):
+    """A message being received; nothing of it is visible until committed."""
+
+    queue_id = Attribute("The queue id, known from the start so Received can name it.")
+
+    def write(data):
+        """
+        Append bytes of the message.  May raise L{OSError} (a full disk): the
+        server then refuses the message with 452 and calls L{abort}.
+        """
+
+    def commit(envelope):
+        """
+        Make the message and its envelope durable.
+
+        @return: a Deferred that fires only when data and envelope are on stable
+            storage (file and directory synced) and will survive a crash.  It
+            fails with L{OSError} if that cannot be done; then nothing is kept.
+        """
+
+    def abort():
+        """Throw the partial message away.  Safe to call at any time, twice."""
+
+
+class IQueueStore(Interface):
+    """
+    Durable storage of queued messages: the only hand-off between receiving
+    and delivering.
+    """
+
+    def recover():
+        """
+        Called once at start-up, before anything else.
+
+        @return: (a Deferred of) a list of every committed
+            L{relay.envelope.Envelope} that has not been removed, including
+            those that were being delivered when the process died.
+            Uncommitted leftovers are discarded.
+        """
+
+    def begin():
+        """Start receiving a message. @return: an L{IIncomingMessage}."""
+
+    def openData(queue_id):
+        """@return: a new binary file reading the committed message data."""
+
+    def update(envelope):
+        """
+        Replace the stored envelope atomically (recipient states after an
+        attempt).  @return: a Deferred that fires when it is durable.
+        """
+
+    def remove(queue_id):
+        """Forget a message whose recipients are all done. @return: Deferred."""
+
+    def stop():
+        """Release resources; may return a Deferred."""
+
+
+class IQueueStoreFactory(IPluginFactory):
+    def build(options, context):
+        """
+        Build a store.  C{options} holds C{path} (already resolved against
+        C{state_dir}) and any keys of C{[queue]} that are not the queue's own.
+
+        @raise relay.errors.OptionError: a key has a bad value.
+        @return: an L{IQueueStore}.
+        """

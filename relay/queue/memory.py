@@ -1,0 +1,79 @@
+"""
+A queue store that keeps everything in memory.
+
+For tests and for plugin authors who want a second implementation to compare
+against; it honours the same contract as the filesystem store except that
+nothing survives the process.  C{failWrites} / C{failCommits} let a test play a
+full disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import itertools
+from typing import BinaryIO
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from relay.envelope import Envelope
+from relay.interfaces import IIncomingMessage, IQueueStore
+
+
+@implementer(IIncomingMessage)
+class MemoryIncoming:
+    def __init__(self, store: MemoryQueueStore, queueID: str) -> None:
+        self.queue_id = queueID
+        self._store = store
+        self._chunks: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        if self._store.failWrites:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._chunks.append(data)
+
+    def commit(self, envelope: Envelope) -> Deferred[None]:
+        if self._store.failCommits:
+            return fail(OSError(errno.ENOSPC, "No space left on device"))
+        self._store.messages[self.queue_id] = (envelope.copy(), b"".join(self._chunks))
+        self._store.incoming.discard(self)
+        return succeed(None)
+
+    def abort(self) -> None:
+        self.aborted = True
+        self._store.incoming.discard(self)
+
+
+@implementer(IQueueStore)
+class MemoryQueueStore:
+    def __init__(self) -> None:
+        self.messages: dict[str, tuple[Envelope, bytes]] = {}
+        self.incoming: set[MemoryIncoming] = set()
+        self.failWrites = False
+        self.failCommits = False
+        self._ids = itertools.count(1)
+
+    def recover(self) -> list[Envelope]:
+        return [envelope.copy() for envelope, _ in self.messages.values()]
+
+    def begin(self) -> MemoryIncoming:
+        incoming = MemoryIncoming(self, f"M{next(self._ids):012d}")
+        self.incoming.add(incoming)
+        return incoming
+
+    def openData(self, queueID: str) -> BinaryIO:
+        return io.BytesIO(self.messages[queueID][1])
+
+    def update(self, envelope: Envelope) -> Deferred[None]:
+        data = self.messages[envelope.queue_id][1]
+        self.messages[envelope.queue_id] = (envelope.copy(), data)
+        return succeed(None)
+
+    def remove(self, queueID: str) -> Deferred[None]:
+        self.messages.pop(queueID, None)
+        return succeed(None)
+
+    def stop(self) -> None:
+        pass

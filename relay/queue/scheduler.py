@@ -1,0 +1,204 @@
+"""
+When to try each queued message, and what to do with the answers.
+
+Due times live in a heap in memory; the queue store is read only at start-up
+(L{IQueueStore.recover}) and written after each attempt.  One timer is armed
+for the earliest due time.  A recipient that was delivered is never attempted
+again, because its state is stored before the message is scheduled again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+
+from relay.delivery.router import Router
+from relay.envelope import DeliveryResult, Envelope, Recipient, RecipientState, Status
+
+NO_ROUTE = Status(451, "4.3.5", "No route for recipient domain")
+NO_RESULT = Status(451, "4.3.0", "Delivery backend gave no result for this recipient")
+BACKEND_FAILED = Status(451, "4.3.0", "Delivery backend failed")
+
+
+class Scheduler(Service):
+    log = Logger()
+
+    def __init__(
+        self,
+        store: Any,
+        router: Router,
+        clock: Any,
+        retry: Sequence[float],
+        maxAge: float,
+        concurrency: int = 20,
+        attemptTimeout: float = 600.0,
+        jitter: float = 0.1,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.router = router
+        self.clock = clock
+        self.retry = tuple(retry)
+        self.maxAge = maxAge
+        self.concurrency = concurrency
+        self.attemptTimeout = attemptTimeout
+        self.jitter = jitter
+        self._rng = rng or random.Random()
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._envelopes: dict[str, Envelope] = {}
+        self._active: set[str] = set()
+        self._timer: Any = None
+        self._running = 0
+        self._stopping = False
+        self._idle: list[Deferred[None]] = []
+
+    # -- input -----------------------------------------------------------
+
+    def enqueue(self, envelope: Envelope, when: float | None = None) -> None:
+        """Take responsibility for a committed message."""
+        self._envelopes[envelope.queue_id] = envelope
+        self._push(envelope.queue_id, self.clock.seconds() if when is None else when)
+
+    def recovered(self, envelopes: Sequence[Envelope]) -> None:
+        """Messages found at start-up: due now (at-least-once after a crash)."""
+        now = self.clock.seconds()
+        for envelope in envelopes:
+            if envelope.pending():
+                self.enqueue(envelope, now)
+            else:
+                self.store.remove(envelope.queue_id)
+        if envelopes:
+            self.log.info("recovered {count} queued messages", count=len(envelopes))
+
+    def queued(self) -> int:
+        return len(self._envelopes)
+
+    # -- timer -----------------------------------------------------------
+
+    def _push(self, queueID: str, due: float) -> None:
+        heapq.heappush(self._heap, (due, next(self._seq), queueID))
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._stopping or not self._heap or self._running >= self.concurrency:
+            return
+        delay = max(0.0, self._heap[0][0] - self.clock.seconds())
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self.clock.seconds() + delay:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        while self._heap and self._heap[0][0] <= now and self._running < self.concurrency:
+            _, _, queueID = heapq.heappop(self._heap)
+            envelope = self._envelopes.get(queueID)
+            if envelope is None or queueID in self._active:
+                continue
+            self._running += 1
+            self._active.add(queueID)
+            d = Deferred.fromCoroutine(self._attempt(envelope))
+            d.addErrback(lambda f, q=queueID: self.log.failure("attempt on {queue_id} failed", f, queue_id=q))
+            d.addBoth(self._finished, queueID)
+        self._arm()
+
+    def _finished(self, _: object, queueID: str) -> None:
+        self._running -= 1
+        self._active.discard(queueID)
+        if self._running == 0:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+        self._arm()
+
+    # -- one attempt -----------------------------------------------------
+
+    async def _attempt(self, envelope: Envelope) -> None:
+        groups, unrouted = self.router.group(envelope.pending())
+        results: list[tuple[Recipient, Status, str | None]] = [(r, NO_ROUTE, None) for r in unrouted]
+        attempts = [(name, rcpts, self._deliver(name, envelope, rcpts)) for name, rcpts in groups.items()]
+        for name, recipients, d in attempts:
+            byAddress = {result.recipient: result.status for result in await d}
+            for recipient in recipients:
+                results.append((recipient, byAddress.get(recipient.address, NO_RESULT), name))
+        now = self.clock.seconds()
+        for recipient, status, backend in results:
+            self._apply(envelope, recipient, status, backend, now)
+        if not envelope.pending():
+            del self._envelopes[envelope.queue_id]
+            await maybeDeferred(self.store.remove, envelope.queue_id)
+            return
+        await maybeDeferred(self.store.update, envelope)
+        if not self._stopping:
+            self._push(envelope.queue_id, min(r.next_attempt or now for r in envelope.pending()))
+
+    def _deliver(self, name: str, envelope: Envelope, recipients: list[Recipient]) -> Deferred[list[DeliveryResult]]:
+        backend = self.router.backends[name]
+        d = maybeDeferred(backend.deliver, envelope, recipients, lambda: self.store.openData(envelope.queue_id))
+        d.addTimeout(self.attemptTimeout, self.clock)
+
+        def failed(failure: Any) -> list[DeliveryResult]:
+            self.log.failure(
+                "delivery backend {backend} failed on {queue_id}", failure, backend=name, queue_id=envelope.queue_id
+            )
+            return [DeliveryResult(r.address, BACKEND_FAILED) for r in recipients]
+
+        d.addErrback(failed)
+        return d
+
+    def _apply(self, envelope: Envelope, recipient: Recipient, status: Status, backend: str | None, now: float) -> None:
+        recipient.attempts += 1
+        recipient.last_status = status
+        recipient.backend = backend
+        if status.ok:
+            recipient.state = RecipientState.DELIVERED
+            recipient.next_attempt = None
+        elif status.permanent:
+            recipient.state = RecipientState.FAILED
+            recipient.next_attempt = None
+        elif now - envelope.received_at >= self.maxAge:
+            recipient.state = RecipientState.FAILED
+            recipient.next_attempt = None
+        else:
+            delay = self.retry[min(recipient.attempts - 1, len(self.retry) - 1)]
+            delay *= 1 + self._rng.uniform(-self.jitter, self.jitter)
+            recipient.next_attempt = now + delay
+        outcome = "deferred"
+        if recipient.state is RecipientState.DELIVERED:
+            outcome = "delivered"
+        elif recipient.state is RecipientState.FAILED:
+            outcome = "failed" if status.permanent else "expired"
+        self.log.info(
+            "{outcome} {queue_id} to=<{to}> backend={backend} status={status} delay={delay:.3f}s attempts={attempts}",
+            outcome=outcome,
+            queue_id=envelope.queue_id,
+            to=recipient.address,
+            backend=backend or "-",
+            status=str(status),
+            delay=now - envelope.received_at,
+            attempts=recipient.attempts,
+        )
+
+    # -- service ---------------------------------------------------------
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        self._stopping = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._running == 0:
+            return None
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d

@@ -1,0 +1,133 @@
+"""
+Settings to running services: the only place that wires components together.
+
+Plugins are built here, so every plugin option error is found at start-up and
+reported with the file, section and key it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface.interface import InterfaceClass
+
+from relay import plugin
+from relay.config import Settings
+from relay.delivery.router import Router
+from relay.errors import ConfigError, OptionError
+from relay.interfaces import IDeliveryBackendFactory, IQueueStoreFactory, IRecipientValidatorFactory
+from relay.policy import Policy
+from relay.queue.scheduler import Scheduler
+from relay.smtp.server import ServerSettings, SMTPServerFactory
+
+
+class RelayService(MultiService):
+    """The relay: recovers the queue, then receives and delivers."""
+
+    log = Logger()
+
+    def __init__(self, settings: Settings, store: Any, scheduler: Scheduler) -> None:
+        super().__init__()
+        self.settings = settings
+        self.store = store
+        self.scheduler = scheduler
+
+    def startService(self) -> None:
+        d = maybeDeferred(self.store.recover)
+        d.addCallback(self.scheduler.recovered)
+        d.addErrback(lambda f: self.log.failure("queue recovery failed", f))
+        super().startService()
+
+    def stopService(self) -> Any:
+        d = maybeDeferred(super().stopService)
+        d.addCallback(lambda _: self.store.stop())
+        return d
+
+
+def _build(
+    settings: Settings,
+    interface: InterfaceClass,
+    name: str,
+    options: Mapping[str, str],
+    context: plugin.PluginContext,
+    pluginKey: str = "plugin",
+) -> Any:
+    try:
+        factory = plugin.find(name, interface)
+        plugin.checkKeys(factory, options)
+        return factory.build(options, context)
+    except OptionError as e:
+        key = pluginKey if e.key == "plugin" else e.key
+        raise ConfigError(str(settings.path), context.section, key, e.message) from None
+
+
+def buildService(settings: Settings, reactor: Any) -> RelayService:
+    """
+    Build every component named by the settings.
+
+    @raise ConfigError: a plugin is unknown or refuses an option.
+    """
+    pool = reactor.getThreadPool()
+
+    def blocking(f: Any, *args: Any, **kwargs: Any) -> Any:
+        return deferToThreadPool(reactor, pool, f, *args, **kwargs)
+
+    def context(section: str) -> plugin.PluginContext:
+        return plugin.PluginContext(
+            reactor=reactor,
+            hostname=settings.hostname,
+            postmaster=settings.postmaster,
+            state_dir=settings.state_dir,
+            section=section,
+            blocking=blocking,
+        )
+
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    queue = settings.queue
+    store = _build(
+        settings,
+        IQueueStoreFactory,
+        queue.store,
+        {"path": str(queue.path), **queue.options},
+        context("queue"),
+        pluginKey="store",
+    )
+    validators = [
+        (section.name, _build(settings, IRecipientValidatorFactory, section.plugin, section.options, context(section.section)))
+        for section in settings.validators
+    ]
+    backends = {
+        name: _build(settings, IDeliveryBackendFactory, section.plugin, section.options, context(section.section))
+        for name, section in settings.deliveries.items()
+    }
+    scheduler = Scheduler(store, Router(settings.route, backends), reactor, queue.retry, queue.max_age)
+    top = RelayService(settings, store, scheduler)
+    scheduler.setServiceParent(top)
+
+    policy = Policy(settings.local_domains, settings.relay_networks, settings.route, validators, reactor)
+    for listener in settings.listeners:
+        if listener.tls != "none" or listener.auth != "none":
+            raise ConfigError(str(settings.path), f"listener:{listener.name}", "tls" if listener.tls != "none" else "auth",
+                              "TLS and AUTH listeners are not available in this version")
+        serverSettings = ServerSettings(
+            hostname=settings.hostname,
+            postmaster=settings.postmaster,
+            maxMessageSize=settings.max_message_size,
+            maxRecipients=settings.max_recipients,
+            policy=policy,
+            store=store,
+            onAccepted=scheduler.enqueue,
+            clock=reactor,
+        )
+        endpoint = serverFromString(reactor, listener.endpoint)
+        service = StreamServerEndpointService(endpoint, SMTPServerFactory(serverSettings))
+        service.setName(f"listener:{listener.name}")
+        service.setServiceParent(top)
+    return top

@@ -1,0 +1,95 @@
+"""
+The DATA stream: dot-unstuffing and the end-of-data marker, fed in chunks.
+
+Only CRLF "." CRLF ends the data (RFC 5321 section 4.1.1.4).  A bare LF or bare
+CR never ends a line and never ends the data: a message containing one is
+refused once its real end arrives, which is what keeps SMTP smuggling out
+(a "<LF>.<LF>" that another MTA would take for the end is content here, and the
+message carrying it is rejected).  An over-long line is refused the same way,
+and because the reader keeps scanning for the real end, the rest of the body
+never turns into commands.
+
+Memory stays bounded: a line fragment is kept only up to the line limit.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+MAX_LINE = 1000  # octets, CRLF included (RFC 5321 section 4.5.3.1.6)
+
+
+class DataError(enum.Enum):
+    BARE_LF = "bare LF line ending"
+    BARE_CR = "bare CR in a line"
+    LINE_TOO_LONG = "line longer than 998 octets"
+
+
+class DotReader:
+    """
+    Decode one message's DATA section.
+
+    @ivar error: the first defect seen, or None.  Once set, nothing more is
+        passed to the sink, but the stream is still read to its end.
+    """
+
+    def __init__(self, sink: Callable[[bytes], None], maxLine: int = MAX_LINE) -> None:
+        self._sink = sink
+        self._maxLine = maxLine
+        self._partial = b""
+        self._overlong = False
+        self._afterCRLF = True  # the DATA command's own CRLF precedes the first line
+        self.error: DataError | None = None
+
+    def _fail(self, error: DataError) -> None:
+        if self.error is None:
+            self.error = error
+
+    def feed(self, data: bytes) -> int | None:
+        """
+        Consume C{data}.
+
+        @return: None if the end has not been seen (everything was consumed),
+            else the offset just past the terminating C{".\\r\\n"}: the bytes
+            after it are the next commands.
+        """
+        out: list[bytes] = []
+        pos = 0
+        end: int | None = None
+        length = len(data)
+        while pos < length:
+            nl = data.find(b"\n", pos)
+            if nl == -1:
+                self._keepFragment(data[pos:])
+                break
+            line = self._partial + data[pos : nl + 1]
+            overlong = self._overlong or len(line) > self._maxLine
+            self._partial = b""
+            self._overlong = False
+            pos = nl + 1
+            crlf = line.endswith(b"\r\n")
+            if crlf and self._afterCRLF and not overlong and line == b".\r\n":
+                end = pos
+                break
+            self._afterCRLF = crlf
+            if overlong:
+                self._fail(DataError.LINE_TOO_LONG)
+            elif not crlf:
+                self._fail(DataError.BARE_LF)
+            elif line.find(b"\r", 0, len(line) - 2) != -1:
+                self._fail(DataError.BARE_CR)
+            if self.error is None:
+                out.append(line[1:] if line[:1] == b"." else line)
+        if out:
+            self._sink(b"".join(out))
+        return end
+
+    def _keepFragment(self, fragment: bytes) -> None:
+        if self._overlong or len(self._partial) + len(fragment) > self._maxLine:
+            # Past the limit: the line is refused anyway.  Keep its last octet
+            # so a CR right before the coming LF is still recognised.
+            self._overlong = True
+            self._partial = (self._partial + fragment)[-1:]
+        else:
+            self._partial += fragment

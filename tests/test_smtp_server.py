@@ -1,0 +1,377 @@
+"""Scripted dialogs against the server protocol, all in memory."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from smtphelpers import Session
+from twisted.internet.defer import Deferred
+
+from relay import verdict
+
+MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
+
+
+def test_greeting_and_ehlo_extensions():
+    s = Session()
+    assert s.take() == b"220 2.0.0 mx.example.test ESMTP relay\r\n"
+    reply = s.send(b"EHLO client.example.test\r\n")
+    lines = reply.split(b"\r\n")
+    assert lines[0] == b"250-mx.example.test Hello client.example.test [192.0.2.10]"
+    assert b"250-PIPELINING" in lines
+    assert b"250-SIZE 10000" in lines
+    assert b"250-8BITMIME" in lines
+    assert lines[-2] == b"250 ENHANCEDSTATUSCODES"
+
+
+def test_helo_single_line():
+    s = Session()
+    s.take()
+    assert s.send(b"HELO client\r\n") == b"250 mx.example.test Hello client [192.0.2.10]\r\n"
+
+
+def test_full_transaction_is_stored_with_received_header():
+    s = Session()
+    s.ready()
+    assert s.codes(b"MAIL FROM:<a@example.org>\r\n") == ["250 2.1.0"]
+    assert s.codes(b"RCPT TO:<someone@localhost>\r\n") == ["250 2.1.5"]
+    assert s.codes(b"DATA\r\n") == ["354 2.0.0"]
+    reply = s.send(MESSAGE + b".\r\n")
+    assert reply.startswith(b"250 2.0.0 Ok: queued as ")
+    [envelope] = s.accepted
+    assert reply.strip().endswith(envelope.queue_id.encode())
+    stored_env, data = s.store.messages[envelope.queue_id]
+    assert stored_env.sender == "a@example.org"
+    assert [r.address for r in stored_env.recipients] == ["someone@localhost"]
+    assert stored_env.client_address == "192.0.2.10"
+    assert stored_env.helo == "client.example.test"
+    assert stored_env.size == len(MESSAGE)
+    header, _, body = data.partition(b"Subject:")
+    assert header.startswith(b"Received: from client.example.test ([192.0.2.10])\r\n\tby mx.example.test (relay) with ESMTP id ")
+    assert b"\tfor <someone@localhost>; " in header
+    assert header.endswith(b"+0000\r\n")
+    assert b"Subject:" + body == MESSAGE
+
+
+def test_dot_unstuffing_and_lone_dots():
+    s = Session()
+    s.ready()
+    s.send(b"MAIL FROM:<>\r\nRCPT TO:<x@localhost>\r\nDATA\r\n")
+    reply = s.send(b"..\r\n..leading\r\n.\r\n")
+    assert reply.startswith(b"250 ")
+    data = s.store.messages[s.accepted[0].queue_id][1]
+    assert data.endswith(b"\r\n.\r\n.leading\r\n")
+    assert s.accepted[0].sender == ""
+
+
+def test_data_split_at_every_byte():
+    s = Session()
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@localhost>\r\nDATA\r\n")
+    payload = b"a\r\n..b\r\n\r\n.\r\nQUIT\r\n"
+    out = b""
+    for i in range(len(payload)):
+        out += s.send(payload[i : i + 1])
+    assert out.startswith(b"250 2.0.0 Ok: queued as ")
+    assert out.endswith(b"221 2.0.0 Bye\r\n")
+    assert s.store.messages[s.accepted[0].queue_id][1].endswith(b"\r\na\r\n.b\r\n\r\n")
+
+
+def test_pipelined_replies_in_order_including_errors():
+    s = Session()
+    s.ready()
+    reply = s.codes(
+        b"MAIL FROM:<a@example.org>\r\n"
+        b"RCPT TO:<one@localhost>\r\n"
+        b"RCPT TO:<bad@@x>\r\n"
+        b"RCPT TO:<far@elsewhere.example>\r\n"
+        b"RCPT TO:<two@example.test>\r\n"
+        b"DATA\r\n"
+    )
+    assert reply == ["250 2.1.0", "250 2.1.5", "501 5.1.3", "550 5.7.1", "250 2.1.5", "354 2.0.0"]
+    assert s.codes(MESSAGE + b".\r\nNOOP\r\nQUIT\r\n") == ["250 2.0.0", "250 2.0.0", "221 2.0.0"]
+    assert [r.address for r in s.accepted[0].recipients] == ["one@localhost", "two@example.test"]
+
+
+def test_pipelining_behind_slow_validator_keeps_order():
+    pending: list[Deferred] = []
+
+    class Slow:
+        def validate(self, recipient, session):
+            d = Deferred()
+            pending.append(d)
+            return d
+
+    s = Session(validators=[("slow", Slow())])
+    s.ready()
+    assert s.codes(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nNOOP\r\n") == [
+        "250 2.1.0"
+    ]
+    pending.pop(0).callback(verdict.deny("No such user"))
+    assert s.codes(b"") == ["550 5.1.1"]
+    pending.pop(0).callback(verdict.CONTINUE)
+    assert s.codes(b"") == ["250 2.1.5", "250 2.0.0"]
+
+
+@pytest.mark.parametrize(
+    "commands, expected",
+    [
+        (b"MAIL FROM:<a@b.example>\r\n", "503 5.5.1"),
+        (b"RCPT TO:<a@localhost>\r\n", "503 5.5.1"),
+        (b"DATA\r\n", "503 5.5.1"),
+    ],
+)
+def test_commands_before_helo(commands, expected):
+    s = Session()
+    s.take()
+    assert s.codes(commands) == [expected]
+
+
+def test_bad_sequences_after_helo():
+    s = Session()
+    s.ready()
+    assert s.codes(b"RCPT TO:<a@localhost>\r\n") == ["503 5.5.1"]
+    assert s.codes(b"DATA\r\n") == ["503 5.5.1"]
+    assert s.codes(b"MAIL FROM:<a@b.example>\r\n") == ["250 2.1.0"]
+    assert s.codes(b"MAIL FROM:<a@b.example>\r\n") == ["503 5.5.1"]
+    assert s.codes(b"DATA\r\n") == ["554 5.5.1"]
+    assert s.codes(b"RSET\r\nRCPT TO:<a@localhost>\r\n") == ["250 2.0.0", "503 5.5.1"]
+
+
+def test_syntax_errors_and_unknown_commands_keep_session():
+    s = Session()
+    s.ready()
+    assert s.codes(b"FOO bar\r\n") == ["500 5.5.2"]
+    assert s.codes(b"MAIL TO:<a@b.example>\r\n") == ["501 5.5.4"]
+    assert s.codes(b"MAIL FROM:<a@b.example> FROB=1\r\n") == ["555 5.5.4"]
+    assert s.codes(b"EHLO\r\n") == ["501 5.5.4"]
+    assert s.codes(b"DATA extra\r\n") == ["501 5.5.4"]
+    assert s.codes(b"\x00\x01\r\n") == ["500 5.5.2"]
+    assert s.codes(b"\xff\xfe\r\n") == ["500 5.5.2"]
+    assert s.codes(b"NOOP\r\n") == ["250 2.0.0"]
+
+
+def test_vrfy_expn_help_noop():
+    s = Session()
+    s.ready()
+    assert s.codes(b"VRFY root\r\n") == ["252 2.0.0"]
+    assert s.codes(b"EXPN staff\r\n") == ["502 5.5.1"]
+    assert s.codes(b"VRFY\r\n") == ["501 5.5.4"]
+    assert s.codes(b"HELP\r\n") == ["214 2.0.0"]
+    assert s.codes(b"NOOP hello\r\n") == ["250 2.0.0"]
+
+
+def test_quit_closes():
+    s = Session()
+    s.ready()
+    assert s.send(b"QUIT\r\n") == b"221 2.0.0 Bye\r\n"
+    assert s.transport.disconnecting
+
+
+def test_postmaster_always_accepted_even_if_validator_denies():
+    class No:
+        def validate(self, recipient, session):
+            return verdict.deny()
+
+    s = Session(validators=[("no", No())])
+    s.ready()
+    assert s.codes(b"MAIL FROM:<a@b.example>\r\n") == ["250 2.1.0"]
+    assert s.codes(b"RCPT TO:<user@localhost>\r\n") == ["550 5.1.1"]
+    assert s.codes(b"RCPT TO:<Postmaster>\r\n") == ["250 2.1.5"]
+    assert s.codes(b"RCPT TO:<POSTMASTER@localhost>\r\n") == ["250 2.1.5"]
+    s.send(b"DATA\r\n" + MESSAGE + b".\r\n")
+    assert [r.address for r in s.accepted[0].recipients] == ["postmaster@example.test", "POSTMASTER@localhost"]
+
+
+def test_no_open_relay_for_outside_client_and_relay_for_networks():
+    s = Session(client="192.0.2.10", routes={"localhost": "local", "*": "internet"})
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\n")
+    assert s.codes(b"RCPT TO:<x@far.example>\r\n") == ["550 5.7.1"]
+    inside = Session(client="127.0.0.1", routes={"localhost": "local", "*": "internet"})
+    inside.ready()
+    inside.send(b"MAIL FROM:<a@b.example>\r\n")
+    assert inside.codes(b"RCPT TO:<x@far.example>\r\n") == ["250 2.1.5"]
+
+
+def test_relay_network_without_route_is_refused():
+    s = Session(client="127.0.0.1", routes={"localhost": "local"})
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\n")
+    assert s.codes(b"RCPT TO:<x@far.example>\r\n") == ["550 5.7.1"]
+
+
+def test_validator_that_raises_or_hangs_costs_one_451():
+    class Boom:
+        def validate(self, recipient, session):
+            raise RuntimeError("broken plugin")
+
+    s = Session(validators=[("boom", Boom())])
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\n")
+    assert s.codes(b"RCPT TO:<x@localhost>\r\nRCPT TO:<postmaster@localhost>\r\n") == ["451 4.3.0", "250 2.1.5"]
+
+    class Hang:
+        def validate(self, recipient, session):
+            return Deferred()
+
+    h = Session(validators=[("hang", Hang())])
+    h.ready()
+    h.send(b"MAIL FROM:<a@b.example>\r\n")
+    assert h.codes(b"RCPT TO:<x@localhost>\r\n") == []
+    h.clock.advance(31)
+    assert h.codes(b"") == ["451 4.3.0"]
+
+
+def test_too_many_recipients():
+    s = Session(maxRecipients=2)
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\n")
+    assert s.codes(b"RCPT TO:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nRCPT TO:<c@localhost>\r\n") == [
+        "250 2.1.5",
+        "250 2.1.5",
+        "452 4.5.3",
+    ]
+
+
+def test_size_declared_too_big_and_actual_too_big():
+    s = Session(maxMessageSize=100)
+    s.ready()
+    assert s.codes(b"MAIL FROM:<a@b.example> SIZE=101\r\n") == ["552 5.3.4"]
+    assert s.codes(b"MAIL FROM:<a@b.example> SIZE=50 BODY=8BITMIME\r\n") == ["250 2.1.0"]
+    s.send(b"RCPT TO:<a@localhost>\r\nDATA\r\n")
+    assert s.codes(b"x" * 80 + b"\r\n" + b"y" * 80 + b"\r\n.\r\nNOOP\r\n") == ["552 5.3.4", "250 2.0.0"]
+    assert s.accepted == []
+    assert not s.store.messages
+
+
+def test_command_line_too_long_does_not_desync():
+    s = Session()
+    s.ready()
+    assert s.codes(b"NOOP " + b"x" * 600 + b"\r\nNOOP\r\n") == ["500 5.5.2", "250 2.0.0"]
+    # a line far beyond the buffer limit, in pieces
+    out = []
+    for _ in range(10):
+        out += s.codes(b"y" * 1000)
+    out += s.codes(b"\r\nMAIL FROM:<a@b.example>\r\n")
+    assert out == ["500 5.5.2", "250 2.1.0"]
+
+
+def test_bare_lf_command_refused():
+    s = Session()
+    s.ready()
+    assert s.codes(b"NOOP\nNOOP\r\n") == ["500 5.5.2", "250 2.0.0"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"a\nb\r\n",  # bare LF
+        b"a\rb\r\n",  # bare CR
+        b"a\r\n.\n",  # <CR><LF>.<LF>
+        b"a\n.\r\n",  # <LF>.<CR><LF>
+        b"a\r.\r\n",  # <CR>.<CR><LF>
+        b"a\r\n.\r",  # <CR><LF>.<CR>
+        b"x" * 1001 + b"\r\n",  # over-long line
+    ],
+)
+def test_bad_data_refused_and_the_real_end_still_found(body):
+    s = Session(maxMessageSize=100_000)
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n")
+    # The would-be smuggled command must be read as data, not as a command.
+    assert s.codes(body + b"MAIL FROM:<evil@x.example>\r\n\r\n.\r\nNOOP\r\n") == ["554 5.6.0", "250 2.0.0"]
+    assert s.accepted == []
+
+
+def test_overlong_data_line_never_becomes_commands():
+    s = Session(maxMessageSize=100_000)
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n")
+    assert s.codes(b"z" * 5000 + b"RSET\r\nQUIT\r\n.\r\n") == ["554 5.6.0"]
+    assert not s.transport.disconnecting
+
+
+def test_full_disk_at_data_and_at_commit():
+    s = Session()
+    s.ready()
+    s.store.failWrites = True
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<a@localhost>\r\n")
+    assert s.codes(b"DATA\r\n") == ["452 4.3.1"]
+    s.store.failWrites = False
+    s.store.failCommits = True
+    assert s.codes(b"DATA\r\n") == ["354 2.0.0"]
+    assert s.codes(MESSAGE + b".\r\n") == ["452 4.3.1"]
+    assert s.accepted == [] and not s.store.messages and not s.store.incoming
+
+
+def test_full_disk_while_streaming():
+    s = Session()
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n")
+    s.store.failWrites = True
+    assert s.codes(MESSAGE + b".\r\n") == ["452 4.3.1"]
+    assert not s.store.messages
+
+
+def test_commit_failure_other_than_disk_full():
+    s = Session()
+
+    class Broken:
+        queue_id = "Q1"
+
+        def write(self, data):
+            pass
+
+        def commit(self, envelope):
+            raise OSError(errno.EIO, "I/O error")
+
+        def abort(self):
+            self.aborted = True
+
+    broken = Broken()
+    s.store.begin = lambda: broken
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n")
+    assert s.codes(MESSAGE + b".\r\n") == ["451 4.3.0"]
+    assert broken.aborted
+
+
+def test_idle_timeout_sends_421():
+    s = Session()
+    s.ready()
+    s.clock.advance(299)
+    assert s.take() == b""
+    s.clock.advance(2)
+    assert s.take().startswith(b"421 4.4.2 ")
+    assert s.transport.disconnecting
+
+
+def test_connection_lost_mid_data_aborts():
+    s = Session()
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<a@localhost>\r\nDATA\r\npartial")
+    assert len(s.store.incoming) == 1
+    s.server.connectionLost(None)
+    assert not s.store.incoming and not s.store.messages
+
+
+def test_rset_mid_transaction_then_new_one():
+    s = Session()
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<a@localhost>\r\n")
+    assert s.codes(b"RSET\r\nMAIL FROM:<c@d.example>\r\nRCPT TO:<e@localhost>\r\nDATA\r\n") == [
+        "250 2.0.0",
+        "250 2.1.0",
+        "250 2.1.5",
+        "354 2.0.0",
+    ]
+    s.send(MESSAGE + b".\r\n")
+    assert s.accepted[0].sender == "c@d.example"
+
+
+def test_utf8_address_without_smtputf8_refused():
+    s = Session()
+    s.ready()
+    assert s.codes("MAIL FROM:<jörg@b.example>\r\n".encode()) == ["553 5.6.7"]
