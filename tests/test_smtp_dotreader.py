@@ -1,0 +1,75 @@
+"""The DATA reader: unstuffing, the end marker, and its refusals, at any chunking."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.smtp.dotreader import DataError, DotReader
+
+
+def read(stream: bytes, cuts: list[int] | None = None) -> tuple[bytes, int | None, DataError | None, bytes]:
+    """Feed C{stream} in pieces; return (data, end offset in stream, error, rest)."""
+    out: list[bytes] = []
+    reader = DotReader(out.append)
+    points = sorted(set(cuts or [])) + [len(stream)]
+    start = 0
+    for point in points:
+        end = reader.feed(stream[start:point])
+        if end is not None:
+            return b"".join(out), start + end, reader.error, stream[start + end :]
+        start = point
+    return b"".join(out), None, reader.error, b""
+
+
+def test_simple_message_and_rest():
+    data, end, error, rest = read(b"a\r\n..b\r\n.\r\nQUIT\r\n")
+    assert (data, error, rest) == (b"a\r\n.b\r\n", None, b"QUIT\r\n")
+
+
+def test_empty_message():
+    assert read(b".\r\n")[:3] == (b"", 3, None)
+
+
+def test_no_end_consumes_everything():
+    assert read(b"a\r\nb\r\n")[1] is None
+
+
+def test_line_of_998_is_fine_999_is_not():
+    assert read(b"x" * 998 + b"\r\n.\r\n")[2] is None
+    assert read(b"x" * 999 + b"\r\n.\r\n")[2] is DataError.LINE_TOO_LONG
+
+
+def test_dot_line_after_overlong_fragment_is_not_the_end():
+    # the '.' closes an over-long line: it is content, the end comes later
+    data, end, error, rest = read(b"y" * 2000 + b".\r\n.\r\nNEXT", cuts=[1999])
+    assert error is DataError.LINE_TOO_LONG
+    assert rest == b"NEXT"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=30),
+    st.lists(st.integers(min_value=0, max_value=3000), max_size=10),
+)
+def test_stuffed_lines_round_trip_at_any_chunking(lines, cuts):
+    body = b"".join(line + b"\r\n" for line in lines)
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    data, end, error, rest = read(stuffed + b".\r\nAFTER", cuts)
+    assert error is None
+    assert data == body
+    assert rest == b"AFTER"
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0, max_value=400), max_size=8))
+def test_end_is_only_crlf_dot_crlf(payload, cuts):
+    stream = b"\r\n" + payload  # make the first line of payload follow a CRLF too
+    data, end, error, rest = read(stream, cuts)
+    if end is not None:
+        consumed = stream[:end]
+        assert consumed.endswith(b"\r\n.\r\n") or consumed == b".\r\n"
+        # the marker found is the first CRLF.CRLF of the stream
+        assert consumed.find(b"\r\n.\r\n") == len(consumed) - 5
+    else:
+        assert b"\r\n.\r\n" not in stream
