@@ -1,0 +1,3 @@
+"""Test-wide fixtures; this directory is on sys.path for the helpers beside it."""
+
+from relayproc import relay  # noqa: F401 -- a fixture, used by name

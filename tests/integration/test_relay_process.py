@@ -1,0 +1,163 @@
+"""
+The real relay: twistd started as an operator would, real clients, real files.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from relayproc import TWISTD, Relay, freePort, listening, tool, waitFor
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+BODY = b"Subject: integration\r\nFrom: a@example.org\r\n\r\nfirst line\r\n.leading dot\r\n\r\nlast line\r\n"
+
+
+def send(port: int, to: list[str], body: bytes = BODY, sender: str = "a@example.org") -> str:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.example.org")
+        refused = client.sendmail(sender, to, body)
+        assert refused == {}
+        code, text = client.noop()
+        assert code == 250
+    return "sent"
+
+
+def test_smtplib_message_lands_in_maildir_with_trace_headers(relay):
+    r = relay().start()
+    started = time.monotonic()
+    send(r.port, ["someone@localhost", "Other@Example.test"])
+    assert waitFor(lambda: r.delivered("someone@localhost") and r.delivered("other@example.test"), 5)
+    elapsed = time.monotonic() - started
+    [path] = r.delivered("someone@localhost")
+    content = path.read_bytes()
+    assert content.startswith(b"Return-Path: <a@example.org>\nDelivered-To: someone@localhost\nReceived: from ")
+    assert b"\r" not in content
+    assert content.endswith(BODY.replace(b"\r\n", b"\n"))
+    assert elapsed < 1.0, f"delivery took {elapsed:.2f}s"
+    log = r.logText()
+    assert "accepted " in log and "from=<a@example.org>" in log and "nrcpt=2" in log and "client=127.0.0.1" in log
+    assert waitFor(lambda: "delivered " in r.logText() and "to=<someone@localhost> backend=local" in r.logText(), 5)
+    # nothing left in the queue
+    assert waitFor(lambda: not list((r.state / "queue" / "messages").iterdir()), 5)
+
+
+def test_swaks_message_lands_in_maildir(relay):
+    swaks = tool("swaks")
+    r = relay().start()
+    result = subprocess.run(
+        [swaks, "--server", f"127.0.0.1:{r.port}", "--to", "someone@localhost", "--from", "s@example.org",
+         "--timeout", "10"],
+        capture_output=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert b"250 2.0.0 Ok: queued as " in result.stdout
+    assert waitFor(lambda: len(r.delivered("someone@localhost")) == 1, 5)
+
+
+def test_default_config_with_swaks(tmp_path):
+    """The embedded etc/relay.ini, unmodified, as `make run` starts it."""
+    swaks = tool("swaks")
+    if listening(2525):
+        pytest.fail("127.0.0.1:2525 is taken; the default config needs it") if _ci() else pytest.skip("2525 busy")
+    r = Relay(tmp_path, config=(ROOT / "etc" / "relay.ini").read_text(), port=2525)
+    r.start()
+    try:
+        result = subprocess.run([swaks, "--server", "127.0.0.1:2525", "--to", "someone@localhost", "--timeout", "10"],
+                                capture_output=True, timeout=30)
+        assert result.returncode == 0, result.stdout.decode()
+        new = tmp_path / "var" / "mail" / "localhost" / "someone" / "new"
+        assert waitFor(lambda: new.is_dir() and len(list(new.iterdir())) == 1, 1.0)
+        # and the default relays nothing, not even for loopback clients
+        with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as client:
+            client.ehlo("c.example")
+            client.mail("a@example.org")
+            code, text = client.rcpt("x@elsewhere.example")
+            assert (code, text[:5]) == (550, b"5.7.1")
+    finally:
+        r.stop()
+
+
+def _ci() -> bool:
+    import os
+
+    return os.environ.get("CI") == "true"
+
+
+def test_kill9_after_250_then_restart_delivers(relay):
+    r = relay()
+    # Make the first delivery attempt fail (a file where the maildir tree goes),
+    # so the message is certainly still queued when the relay is killed.
+    r.state.mkdir(parents=True)
+    (r.state / "mail").write_text("not a directory")
+    r.start()
+    send(r.port, ["survivor@localhost"])
+    assert waitFor(lambda: "deferred " in r.logText(), 5), r.logText()
+    r.kill9()
+    (r.state / "mail").unlink()
+    r.start()
+    assert waitFor(lambda: len(r.delivered("survivor@localhost")) == 1, 5), r.logText()
+    assert "recovered 1 queued messages" in r.logText()
+
+
+def test_kill9_right_after_250_loses_nothing(relay):
+    r = relay().start()
+    ids = []
+    for i in range(20):
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as client:
+            client.ehlo("c.example")
+            client.mail("a@example.org")
+            client.rcpt(f"user{i}@localhost")
+            code, text = client.data(BODY)
+            assert code == 250
+            ids.append(text)
+    r.kill9()
+    r.start()
+    for i in range(20):
+        assert waitFor(lambda i=i: len(r.delivered(f"user{i}@localhost")) >= 1, 5), i
+
+
+def test_bad_config_stops_startup_with_one_line(tmp_path):
+    config = tmp_path / "bad.ini"
+    config.write_text(Relay(tmp_path).config.read_text().replace("[queue]\n", "[queue]\nmax_age = forever\n"))
+    result = subprocess.run([TWISTD, "-n", "--pidfile=", "relay", "--config", str(config)], cwd=tmp_path,
+                            capture_output=True, timeout=30)
+    assert result.returncode != 0
+    err = result.stderr.decode()
+    assert "Traceback" not in err
+    assert f"{config}: [queue] max_age: " in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_unknown_plugin_lists_known_ones(tmp_path):
+    config = tmp_path / "bad.ini"
+    config.write_text(Relay(tmp_path).config.read_text().replace("plugin = maildir", "plugin = nosuch"))
+    result = subprocess.run([TWISTD, "-n", "--pidfile=", "relay", "--config", str(config)], cwd=tmp_path,
+                            capture_output=True, timeout=30)
+    err = result.stderr.decode()
+    assert result.returncode != 0
+    assert "[delivery:local] plugin: unknown plugin 'nosuch' (known: " in err and "maildir" in err, err
+
+
+def test_sessions_survive_garbage(relay):
+    r = relay().start()
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as client:
+        client.ehlo("c.example")
+        assert client.docmd("FOO")[0] == 500
+        assert client.docmd("MAIL", "TO:<x@y.example>")[0] == 501
+        assert client.docmd("RCPT", "TO:<x@localhost>")[0] == 503
+        assert client.docmd("NOOP", "x" * 600)[0] == 500
+        assert client.docmd("VRFY", "root")[0] == 252
+        assert client.noop()[0] == 250
+
+
+def test_port_is_free_after_stop(relay):
+    r = relay().start()
+    r.stop()
+    assert not listening(r.port)
+    assert freePort()

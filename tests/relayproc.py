@@ -1,0 +1,151 @@
+"""
+Start and stop the real relay (twistd) for integration tests.
+
+Every wait is bounded; every process started is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def waitFor(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def tool(name: str) -> str:
+    """The path of a Debian tool the test drives; missing is a failure under CI."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is not installed (.ci/run installs it)")
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+MINIMAL = """\
+[relay]
+hostname = relay.test
+postmaster = postmaster@localhost
+state_dir = {state}
+
+[listener:smtp]
+endpoint = tcp:{port}:interface=127.0.0.1
+
+[policy]
+local_domains = localhost example.test
+relay_networks = 127.0.0.0/8
+
+[queue]
+retry = {retry}
+
+[delivery:local]
+plugin = maildir
+
+[routes]
+localhost = local
+example.test = local
+"""
+
+
+class Relay:
+    """One twistd process running relay in its own directory."""
+
+    def __init__(self, workdir: Path, config: str | None = None, port: int | None = None, retry: str = "1m") -> None:
+        self.workdir = workdir
+        self.port = port or freePort()
+        self.state = workdir / "var"
+        self.config = workdir / "relay.ini"
+        if config is None:
+            config = MINIMAL.format(state=self.state, port=self.port, retry=retry)
+        self.config.write_text(config)
+        self.log = workdir / "twistd.log"
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        return [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "relay", "--config", str(self.config)]
+
+    def start(self, timeout: float = 20.0) -> Relay:
+        self.proc = subprocess.Popen(self.command(), cwd=self.workdir, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        ok = waitFor(lambda: self.proc.poll() is not None or listening(self.port), timeout)
+        if not ok or self.proc.poll() is not None:
+            out, err = self.stop()
+            raise AssertionError(f"relay did not start: {err!r} {out!r}\n{self.logText()}")
+        return self
+
+    def logText(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        self.proc = None
+
+    def stop(self) -> tuple[bytes, bytes]:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return b"", b""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate(timeout=10)
+        return out, err
+
+    def maildir(self, address: str) -> Path:
+        local, _, domain = address.rpartition("@")
+        return self.state / "mail" / domain.lower() / local.lower()
+
+    def delivered(self, address: str) -> list[Path]:
+        new = self.maildir(address) / "new"
+        return sorted(new.iterdir()) if new.is_dir() else []
+
+
+@pytest.fixture
+def relay(tmp_path):
+    instances: list[Relay] = []
+
+    def make(**kwargs) -> Relay:
+        r = Relay(tmp_path, **kwargs)
+        instances.append(r)
+        return r
+
+    yield make
+    for r in instances:
+        r.stop()
