@@ -1,0 +1,38 @@
+"""
+The built-in queue store, registered like any third-party one.
+
+Importing this module must stay cheap (plugin discovery imports every module
+of C{relay.plugins}), so the store itself is imported only when built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from relay.errors import OptionError
+from relay.interfaces import IQueueStoreFactory
+
+
+@implementer(IPlugin, IQueueStoreFactory)
+class FilesystemQueueStoreFactory:
+    name = "filesystem"
+    description = "Durable queue in a directory: one data file and one JSON envelope per message"
+    keys = {"path": "queue directory (relative paths are under state_dir)"}
+
+    def build(self, options: Mapping[str, Any], context: Any) -> Any:
+        from relay.queue.filesystem import FilesystemQueueStore
+
+        path = Path(options["path"])
+        try:
+            return FilesystemQueueStore(path, context.blocking, context.reactor)
+        except OSError as e:
+            # Found at start-up, not at the first message.
+            raise OptionError("path", f"cannot use queue directory {str(path)!r}: {e.strerror or e}") from None
+
+
+filesystem = FilesystemQueueStoreFactory()

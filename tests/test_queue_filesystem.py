@@ -1,0 +1,415 @@
+"""The filesystem queue store: commit protocol, recovery after crashes, failures."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from relay.envelope import Envelope, Recipient, RecipientState, Status
+from relay.plugin import runInline
+from relay.queue import filesystem
+from relay.queue.filesystem import QUEUE_ID, FilesystemQueueStore
+
+DATA = b"Received: from x\r\n\tby y; now\r\nSubject: hi\r\n\r\nbody \xff\xfe\r\n.dot\r\n"
+
+
+def result(d):
+    """The value a Deferred fired with (re-raising its failure); it must have fired."""
+    outcome = []
+    d.addBoth(outcome.append)
+    assert outcome, "Deferred did not fire"
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+def makeStore(path: Path, clock: Clock | None = None) -> FilesystemQueueStore:
+    if clock is None:
+        clock = Clock()
+        clock.advance(1_700_000_000.25)
+    return FilesystemQueueStore(path, runInline, clock)
+
+
+def envelopeFor(queueID: str) -> Envelope:
+    return Envelope(
+        queue_id=queueID,
+        sender="sender@example.org",
+        recipients=[
+            Recipient("a@example.test", notify=("SUCCESS", "FAILURE"), orcpt="rfc822;A@example.test"),
+            Recipient(
+                "b@example.test",
+                state=RecipientState.DELIVERED,
+                attempts=2,
+                next_attempt=None,
+                last_status=Status(250, "2.0.0", "ok"),
+                backend="local",
+            ),
+            Recipient("ü@exämple.test", attempts=1, next_attempt=1234.5, last_status=Status(451, "4.4.1", "later")),
+        ],
+        received_at=1_700_000_000.25,
+        size=len(DATA),
+        client_address="192.0.2.1",
+        helo="client.example.org",
+        body="8BITMIME",
+        smtputf8=True,
+        ret="HDRS",
+        envid="xyz",
+        auth="user",
+        extra={"k": [1, "v"]},
+    )
+
+
+def queueOne(store: FilesystemQueueStore, data: bytes = DATA) -> Envelope:
+    incoming = store.begin()
+    incoming.write(data[:10])
+    incoming.write(data[10:])
+    envelope = envelopeFor(incoming.queue_id)
+    assert result(incoming.commit(envelope)) is None
+    return envelope
+
+
+def files(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+def test_layout_and_modes(tmp_path):
+    makeStore(tmp_path / "q")
+    for name in ("q", "q/incoming", "q/messages"):
+        assert (tmp_path / name).is_dir()
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o700
+
+
+def test_commit_then_recover_in_new_instance(tmp_path):
+    envelope = queueOne(makeStore(tmp_path))
+    assert files(tmp_path) == [f"messages/{envelope.queue_id}", f"messages/{envelope.queue_id}.json"]
+    assert (tmp_path / "messages" / envelope.queue_id).stat().st_mode & 0o777 == 0o600
+
+    store = makeStore(tmp_path)
+    recovered = result(store.recover())
+    assert recovered == [envelope]
+    with store.openData(envelope.queue_id) as f:
+        assert f.read() == DATA
+
+
+def test_update_then_recover(tmp_path):
+    store = makeStore(tmp_path)
+    envelope = queueOne(store)
+    envelope.recipients[0].state = RecipientState.FAILED
+    envelope.recipients[0].last_status = Status(550, "5.1.1", "no such user")
+    envelope.recipients[2].attempts = 2
+    assert result(store.update(envelope)) is None
+    assert not list((tmp_path / "messages").glob("*.new"))
+    assert result(makeStore(tmp_path).recover()) == [envelope]
+
+
+def test_update_snapshots_the_envelope(tmp_path):
+    """The scheduler mutates the envelope after update(); what is written is what it was then."""
+    pending: list[tuple] = []
+
+    def deferred(f, *args):
+        d = Deferred()
+        pending.append((d, f, args))
+        return d
+
+    store = FilesystemQueueStore(tmp_path, runInline, Clock())
+    envelope = queueOne(store)
+    store._blocking = deferred
+    envelope.recipients[0].attempts = 7
+    d = store.update(envelope)
+    envelope.recipients[0].attempts = 99
+    while pending:
+        waiting, f, args = pending.pop(0)
+        waiting.callback(f(*args))
+    assert result(d) is None
+    assert result(makeStore(tmp_path).recover())[0].recipients[0].attempts == 7
+
+
+def test_remove_then_recover(tmp_path):
+    store = makeStore(tmp_path)
+    first = queueOne(store)
+    second = queueOne(store)
+    assert result(store.remove(first.queue_id)) is None
+    assert result(store.remove(first.queue_id)) is None  # missing files are fine
+    assert result(makeStore(tmp_path).recover()) == [second]
+    assert files(tmp_path) == [f"messages/{second.queue_id}", f"messages/{second.queue_id}.json"]
+
+
+def test_recover_sorts_by_queue_id(tmp_path):
+    clock = Clock()
+    store = makeStore(tmp_path, clock)
+    queued = []
+    for _ in range(5):
+        queued.append(queueOne(store).queue_id)
+        clock.advance(0.5)
+    assert [e.queue_id for e in result(makeStore(tmp_path).recover())] == queued
+
+
+def test_abort_leaves_nothing(tmp_path):
+    store = makeStore(tmp_path)
+    incoming = store.begin()
+    incoming.write(DATA)
+    incoming.abort()
+    incoming.abort()
+    assert files(tmp_path) == []
+    with pytest.raises(ValueError):
+        incoming.write(b"more")
+
+
+def test_abort_after_commit_keeps_message(tmp_path):
+    store = makeStore(tmp_path)
+    incoming = store.begin()
+    incoming.write(DATA)
+    envelope = envelopeFor(incoming.queue_id)
+    result(incoming.commit(envelope))
+    incoming.abort()
+    assert result(makeStore(tmp_path).recover()) == [envelope]
+
+
+def test_uncommitted_message_vanishes_at_recover(tmp_path):
+    store = makeStore(tmp_path)
+    incoming = store.begin()
+    incoming.write(DATA)
+    (tmp_path / "incoming" / "stray.json").write_text("{}")
+    assert result(makeStore(tmp_path).recover()) == []
+    assert files(tmp_path) == []
+
+
+def test_crash_states(tmp_path):
+    store = makeStore(tmp_path)
+    good = queueOne(store)
+    noEnvelope = queueOne(store)
+    noData = queueOne(store)
+    leftover = queueOne(store)
+    corrupt = queueOne(store)
+    wrongID = queueOne(store)
+    messages = tmp_path / "messages"
+    (messages / f"{noEnvelope.queue_id}.json").unlink()
+    (messages / noData.queue_id).unlink()
+    (messages / f"{leftover.queue_id}.json.new").write_text('{"half": ')
+    (messages / f"{corrupt.queue_id}.json").write_bytes(b'{"format": 1, "queue_id": ')
+    (messages / f"{wrongID.queue_id}.json").write_text(json.dumps(envelopeFor(good.queue_id).toJSON()))
+
+    recovered = result(makeStore(tmp_path).recover())
+
+    assert sorted(e.queue_id for e in recovered) == sorted([good.queue_id, leftover.queue_id])
+    assert files(tmp_path) == sorted(
+        [
+            f"messages/{good.queue_id}",
+            f"messages/{good.queue_id}.json",
+            f"messages/{leftover.queue_id}",
+            f"messages/{leftover.queue_id}.json",
+            # Corrupt envelopes are set aside with their data, never deleted.
+            f"messages/{corrupt.queue_id}",
+            f"messages/{corrupt.queue_id}.json.corrupt",
+            f"messages/{wrongID.queue_id}",
+            f"messages/{wrongID.queue_id}.json.corrupt",
+        ]
+    )
+    assert (messages / f"{corrupt.queue_id}.json.corrupt").read_bytes() == b'{"format": 1, "queue_id": '
+    # A second recovery is stable.
+    assert sorted(e.queue_id for e in result(makeStore(tmp_path).recover())) == sorted(
+        [good.queue_id, leftover.queue_id]
+    )
+
+
+def test_recovery_is_logged(tmp_path):
+    from twisted.logger import globalLogPublisher
+
+    store = makeStore(tmp_path)
+    corrupt = queueOne(store)
+    (tmp_path / "messages" / f"{corrupt.queue_id}.json").write_bytes(b"\xff\xfe not json")
+    noData = queueOne(store)
+    (tmp_path / "messages" / noData.queue_id).unlink()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert result(makeStore(tmp_path).recover()) == []
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    texts = [event.get("log_format", "").format(**event) for event in events]
+    assert any(corrupt.queue_id in t and "corrupt" in t for t in texts), texts
+    assert any(noData.queue_id in t and "no data" in t for t in texts), texts
+
+
+def test_commit_failure_when_messages_is_not_a_directory(tmp_path):
+    store = makeStore(tmp_path)
+    incoming = store.begin()
+    incoming.write(DATA)
+    (tmp_path / "messages").rmdir()
+    (tmp_path / "messages").write_bytes(b"not a directory")
+    with pytest.raises(OSError) as info:
+        result(incoming.commit(envelopeFor(incoming.queue_id)))
+    assert info.value.errno == errno.ENOTDIR
+    incoming.abort()
+    incoming.abort()
+    assert files(tmp_path / "incoming") == []
+    (tmp_path / "messages").unlink()
+    assert result(makeStore(tmp_path).recover()) == []
+    assert files(tmp_path) == []
+
+
+def test_commit_failure_at_directory_sync_removes_committed_files(tmp_path, monkeypatch):
+    store = makeStore(tmp_path)
+    incoming = store.begin()
+    incoming.write(DATA)
+
+    def failingSync(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(filesystem, "_fsyncDirectory", failingSync)
+    with pytest.raises(OSError) as info:
+        result(incoming.commit(envelopeFor(incoming.queue_id)))
+    assert info.value.errno == errno.EIO
+    monkeypatch.undo()
+    assert files(tmp_path) == []
+    assert result(makeStore(tmp_path).recover()) == []
+
+
+def test_commit_twice_or_with_foreign_envelope_fails(tmp_path):
+    store = makeStore(tmp_path)
+    incoming = store.begin()
+    with pytest.raises(ValueError):
+        result(incoming.commit(envelopeFor("someoneelse")))
+    assert files(tmp_path) == []
+    incoming = store.begin()
+    result(incoming.commit(envelopeFor(incoming.queue_id)))
+    with pytest.raises(ValueError):
+        result(incoming.commit(envelopeFor(incoming.queue_id)))
+
+
+def _devFullIncoming(store, monkeypatch, tmp_path):
+    """An incoming message whose data file is /dev/full: every write that reaches it gets ENOSPC."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    queueID = "0123456789abcdeff00"
+    monkeypatch.setattr(store, "newQueueID", lambda: queueID)
+    (tmp_path / "incoming" / queueID).symlink_to("/dev/full")
+    return store.begin()
+
+
+def test_write_enospc_propagates(tmp_path, monkeypatch):
+    store = makeStore(tmp_path)
+    incoming = _devFullIncoming(store, monkeypatch, tmp_path)
+    with pytest.raises(OSError) as info:
+        incoming.write(b"x" * 1_000_000)  # larger than any buffer: reaches the device now
+    assert info.value.errno == errno.ENOSPC
+    incoming.abort()
+    assert os.path.exists("/dev/full")
+    assert files(tmp_path) == []
+
+
+def test_buffered_enospc_fails_commit(tmp_path, monkeypatch):
+    store = makeStore(tmp_path)
+    incoming = _devFullIncoming(store, monkeypatch, tmp_path)
+    incoming.write(b"small")
+    with pytest.raises(OSError) as info:
+        result(incoming.commit(envelopeFor(incoming.queue_id)))
+    assert info.value.errno == errno.ENOSPC
+    incoming.abort()
+    assert os.path.exists("/dev/full")
+    assert result(makeStore(tmp_path).recover()) == []
+    assert files(tmp_path) == []
+
+
+def test_queue_ids_unique_and_sortable(tmp_path):
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    store = makeStore(tmp_path, clock)
+    ids = []
+    for i in range(10000):
+        incoming = store.begin()
+        ids.append(incoming.queue_id)
+        incoming.abort()
+        if i % 100 == 99:
+            clock.advance(0.001)
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(QUEUE_ID.match(q) and len(q) == 19 for q in ids)
+    # Another store (another process, same clock reading) never repeats them.
+    again = Clock()
+    again.advance(1_700_000_000)
+    other = makeStore(tmp_path, again)
+    assert not {other.newQueueID() for _ in range(1000)} & set(ids)
+
+
+def test_queue_ids_follow_the_clock(tmp_path):
+    clock = Clock()
+    store = makeStore(tmp_path, clock)
+    first = store.newQueueID()
+    clock.advance(1)
+    second = store.newQueueID()
+    assert first < second
+    assert int(second[:13], 16) == 1_000_000
+
+
+def test_group_commit_shares_directory_syncs(tmp_path, monkeypatch):
+    """Messages waiting for a directory sync while one runs share the next one."""
+    pending: list[tuple] = []
+
+    def deferred(f, *args):
+        d = Deferred()
+        pending.append((d, f, args))
+        return d
+
+    syncs = []
+    real = filesystem._fsyncDirectory
+    monkeypatch.setattr(filesystem, "_fsyncDirectory", lambda path: (syncs.append(path), real(path)))
+    store = FilesystemQueueStore(tmp_path, deferred, Clock())
+    commits = []
+    for _ in range(5):
+        incoming = store.begin()
+        incoming.write(DATA)
+        commits.append(incoming.commit(envelopeFor(incoming.queue_id)))
+
+    def runAll():
+        while pending:
+            waiting, f, args = pending.pop(0)
+            waiting.callback(f(*args))
+
+    runAll()
+    assert [result(d) for d in commits] == [None] * 5
+    # The first commit's sync started alone; the four that finished their
+    # renames while it ran shared the second.
+    assert len(syncs) == 2
+    assert len(result(makeStore(tmp_path).recover())) == 5
+
+
+def test_bad_queue_id_is_refused(tmp_path):
+    store = makeStore(tmp_path)
+    with pytest.raises(ValueError):
+        store.openData("../etc/passwd")
+    with pytest.raises(ValueError):
+        result(store.remove("a/b"))
+
+
+def test_plugin_builds_store(tmp_path):
+    from relay.interfaces import IQueueStore, IQueueStoreFactory
+    from relay.plugin import PluginContext, find
+
+    factory = find("filesystem", IQueueStoreFactory)
+    assert factory.name == "filesystem"
+    assert set(factory.keys) == {"path"}
+    context = PluginContext(reactor=Clock(), hostname="h.example", postmaster="pm@h.example", state_dir=tmp_path)
+    store = factory.build({"path": str(tmp_path / "queue")}, context)
+    assert IQueueStore.providedBy(store)
+    envelope = queueOne(store)
+    assert result(store.recover()) == [envelope]
+
+
+def test_plugin_refuses_unusable_path(tmp_path):
+    from relay.errors import OptionError
+    from relay.interfaces import IQueueStoreFactory
+    from relay.plugin import PluginContext, find
+
+    (tmp_path / "file").write_text("x")
+    context = PluginContext(reactor=Clock(), hostname="h.example", postmaster="pm@h.example", state_dir=tmp_path)
+    with pytest.raises(OptionError) as info:
+        find("filesystem", IQueueStoreFactory).build({"path": str(tmp_path / "file" / "queue")}, context)
+    assert info.value.key == "path"
