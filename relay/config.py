@@ -63,9 +63,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
 _OPEN = ("validator", "delivery", "queue", "routes")
 _QUEUE_KEYS = ("store", "path", "retry", "max_age", "warn_after")
 _NAMED = ("listener", "validator", "delivery")
-_KNOWN = (
-    "relay, listener:NAME, tls, auth, policy, validator:NAME, queue, delivery:NAME, routes, control, metrics"
-)
+_KNOWN = "relay, listener:NAME, tls, auth, policy, validator:NAME, queue, delivery:NAME, routes, control, metrics"
 
 
 def parse_duration(text: str) -> float:

@@ -100,7 +100,10 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         pluginKey="store",
     )
     validators = [
-        (section.name, _build(settings, IRecipientValidatorFactory, section.plugin, section.options, context(section.section)))
+        (
+            section.name,
+            _build(settings, IRecipientValidatorFactory, section.plugin, section.options, context(section.section)),
+        )
         for section in settings.validators
     ]
     backends = {
@@ -114,8 +117,12 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
     policy = Policy(settings.local_domains, settings.relay_networks, settings.route, validators, reactor)
     for listener in settings.listeners:
         if listener.tls != "none" or listener.auth != "none":
-            raise ConfigError(str(settings.path), f"listener:{listener.name}", "tls" if listener.tls != "none" else "auth",
-                              "TLS and AUTH listeners are not available in this version")
+            raise ConfigError(
+                str(settings.path),
+                f"listener:{listener.name}",
+                "tls" if listener.tls != "none" else "auth",
+                "TLS and AUTH listeners are not available in this version",
+            )
         serverSettings = ServerSettings(
             hostname=settings.hostname,
             postmaster=settings.postmaster,

@@ -96,8 +96,9 @@ class Relay:
         return [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "relay", "--config", str(self.config)]
 
     def start(self, timeout: float = 20.0) -> Relay:
-        self.proc = subprocess.Popen(self.command(), cwd=self.workdir, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            self.command(), cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+        )
         ok = waitFor(lambda: self.proc.poll() is not None or listening(self.port), timeout)
         if not ok or self.proc.poll() is not None:
             out, err = self.stop()

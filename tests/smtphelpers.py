@@ -66,8 +66,11 @@ class Session:
 
     def codes(self, data: bytes) -> list[str]:
         """Feed bytes; the final reply line of each reply as 'CODE ENH'."""
-        return [b" ".join(line.split(b" ")[:2]).decode() for line in self.send(data).split(b"\r\n")
-                if line and line[3:4] == b" "]
+        return [
+            b" ".join(line.split(b" ")[:2]).decode()
+            for line in self.send(data).split(b"\r\n")
+            if line and line[3:4] == b" "
+        ]
 
     def ready(self, client: bytes = b"EHLO client.example.test\r\n") -> None:
         self.take()

@@ -92,9 +92,7 @@ def test_minimal_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert q.max_age == 5 * 86400
     assert q.warn_after == 4 * 3600
     assert dict(q.options) == {}
-    assert dict(s.deliveries) == {
-        "local": PluginSection("delivery:local", "local", "maildir", MappingProxyType({}))
-    }
+    assert dict(s.deliveries) == {"local": PluginSection("delivery:local", "local", "maildir", MappingProxyType({}))}
     assert s.routes == (("localhost", "local"),)
     assert s.control_endpoint is None
     assert s.metrics_endpoint is None
@@ -376,8 +374,7 @@ def test_not_utf8(tmp_path: Path) -> None:
 def test_error_message_format(tmp_path: Path) -> None:
     error = fails(tmp_path, MINIMAL + "[policy]\nmax_message_size = 35X\n", "policy", "max_message_size")
     assert str(error) == (
-        f"{tmp_path / 'relay.ini'}: [policy] max_message_size: "
-        "bad size '35X' (a number with optional K, M or G)"
+        f"{tmp_path / 'relay.ini'}: [policy] max_message_size: bad size '35X' (a number with optional K, M or G)"
     )
 
 
@@ -471,15 +468,13 @@ def test_error_message_format(tmp_path: Path) -> None:
             "required",
         ),
         (
-            "[listener:x]\nendpoint = tcp:1\ntls = starttls\n"
-            "[tls]\ncertificate = gone.pem\nprivate_key = key.pem\n",
+            "[listener:x]\nendpoint = tcp:1\ntls = starttls\n[tls]\ncertificate = gone.pem\nprivate_key = key.pem\n",
             "tls",
             "certificate",
             "no such file",
         ),
         (
-            "[listener:x]\nendpoint = tcp:1\ntls = starttls\n"
-            "[tls]\ncertificate = cert.pem\nprivate_key = gone.pem\n",
+            "[listener:x]\nendpoint = tcp:1\ntls = starttls\n[tls]\ncertificate = cert.pem\nprivate_key = gone.pem\n",
             "tls",
             "private_key",
             "no such file",
@@ -491,8 +486,7 @@ def test_error_message_format(tmp_path: Path) -> None:
             "required: [listener:x] has auth = optional",
         ),
         (
-            "[listener:x]\nendpoint = tcp:1\nauth = required\nplaintext_auth = yes\n"
-            "[auth]\npasswords = gone\n",
+            "[listener:x]\nendpoint = tcp:1\nauth = required\nplaintext_auth = yes\n[auth]\npasswords = gone\n",
             "auth",
             "passwords",
             "no such file",
@@ -578,9 +572,7 @@ def test_no_listener(tmp_path: Path) -> None:
 
 
 def test_key_before_any_section(tmp_path: Path) -> None:
-    error = fails(
-        tmp_path, "hostname = x\n" + MINIMAL, None, None, "line 1: 'hostname = x' comes before any [section]"
-    )
+    error = fails(tmp_path, "hostname = x\n" + MINIMAL, None, None, "line 1: 'hostname = x' comes before any [section]")
     assert error.message.startswith("line 1")
 
 
@@ -638,9 +630,7 @@ def test_parse_size(text: str, size: int) -> None:
     assert isinstance(parse_size(text), int)
 
 
-@pytest.mark.parametrize(
-    "text", ["", "-1", "-1K", "35X", "1.5", "0.1K", "M", "1KB", "1e6", "1 K", "1T", "+1"]
-)
+@pytest.mark.parametrize("text", ["", "-1", "-1K", "35X", "1.5", "0.1K", "M", "1KB", "1e6", "1 K", "1T", "+1"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_size(text)

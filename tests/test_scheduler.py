@@ -45,8 +45,9 @@ def setup(answers, retry=(60.0, 300.0), maxAge=3600.0, concurrency=20):
     store = MemoryQueueStore()
     backend = ScriptedBackend(answers)
     router = Router(lambda domain: "local" if domain != "unrouted.example" else None, {"local": backend})
-    scheduler = Scheduler(store, router, clock, retry, maxAge, concurrency=concurrency, jitter=0.0,
-                          rng=random.Random(1))
+    scheduler = Scheduler(
+        store, router, clock, retry, maxAge, concurrency=concurrency, jitter=0.0, rng=random.Random(1)
+    )
     return clock, store, backend, scheduler
 
 

@@ -28,8 +28,10 @@ from relay.smtp.parser import (
         (b"EHLO client.example", Helo("EHLO", "client.example")),
         (b"helo [192.0.2.1]", Helo("HELO", "[192.0.2.1]")),
         (b"MAIL FROM:<a@Example.ORG>", Mail(Mailbox("a", "example.org"))),
-        (b"mail from: <a@b.example> SIZE=100 body=8bitmime",
-         Mail(Mailbox("a", "b.example"), (("SIZE", "100"), ("BODY", "8bitmime")))),
+        (
+            b"mail from: <a@b.example> SIZE=100 body=8bitmime",
+            Mail(Mailbox("a", "b.example"), (("SIZE", "100"), ("BODY", "8bitmime"))),
+        ),
         (b"MAIL FROM:<>", Mail(None)),
         (b"MAIL FROM:a@b.example", Mail(Mailbox("a", "b.example"))),
         (b'MAIL FROM:<"john doe"@b.example>', Mail(Mailbox("john doe", "b.example"))),
@@ -38,7 +40,10 @@ from relay.smtp.parser import (
         (b"RCPT TO:<u@[127.0.0.1]>", Rcpt(Mailbox("u", "[127.0.0.1]"))),
         (b"RCPT TO:<u@[IPv6:::1]>", Rcpt(Mailbox("u", "[IPv6:::1]"))),
         (b"RCPT TO:<Postmaster>", Rcpt(None)),
-        (b"RCPT TO:<u@b.example> NOTIFY=SUCCESS,FAILURE", Rcpt(Mailbox("u", "b.example"), (("NOTIFY", "SUCCESS,FAILURE"),))),
+        (
+            b"RCPT TO:<u@b.example> NOTIFY=SUCCESS,FAILURE",
+            Rcpt(Mailbox("u", "b.example"), (("NOTIFY", "SUCCESS,FAILURE"),)),
+        ),
         (b"DATA", Simple("DATA")),
         (b"rset", Simple("RSET")),
         (b"NOOP", WithText("NOOP", "")),
@@ -105,8 +110,33 @@ def test_any_bytes_never_raise(line):
 
 
 _words = st.sampled_from(
-    [b"MAIL FROM:", b"RCPT TO:", b"EHLO ", b"HELO ", b"DATA", b"AUTH ", b"BDAT ", b"VRFY ", b"<", b">", b"@",
-     b"\"", b"\\", b" ", b"=", b".", b"SIZE=", b"a", b"B", b"1", b"[", b"]", b":", b",", "é".encode()]
+    [
+        b"MAIL FROM:",
+        b"RCPT TO:",
+        b"EHLO ",
+        b"HELO ",
+        b"DATA",
+        b"AUTH ",
+        b"BDAT ",
+        b"VRFY ",
+        b"<",
+        b">",
+        b"@",
+        b'"',
+        b"\\",
+        b" ",
+        b"=",
+        b".",
+        b"SIZE=",
+        b"a",
+        b"B",
+        b"1",
+        b"[",
+        b"]",
+        b":",
+        b",",
+        "é".encode(),
+    ]
 )
 
 

@@ -48,7 +48,9 @@ def test_full_transaction_is_stored_with_received_header():
     assert stored_env.helo == "client.example.test"
     assert stored_env.size == len(MESSAGE)
     header, _, body = data.partition(b"Subject:")
-    assert header.startswith(b"Received: from client.example.test ([192.0.2.10])\r\n\tby mx.example.test (relay) with ESMTP id ")
+    assert header.startswith(
+        b"Received: from client.example.test ([192.0.2.10])\r\n\tby mx.example.test (relay) with ESMTP id "
+    )
     assert b"\tfor <someone@localhost>; " in header
     assert header.endswith(b"+0000\r\n")
     assert b"Subject:" + body == MESSAGE

@@ -51,9 +51,19 @@ def test_swaks_message_lands_in_maildir(relay):
     swaks = tool("swaks")
     r = relay().start()
     result = subprocess.run(
-        [swaks, "--server", f"127.0.0.1:{r.port}", "--to", "someone@localhost", "--from", "s@example.org",
-         "--timeout", "10"],
-        capture_output=True, timeout=30,
+        [
+            swaks,
+            "--server",
+            f"127.0.0.1:{r.port}",
+            "--to",
+            "someone@localhost",
+            "--from",
+            "s@example.org",
+            "--timeout",
+            "10",
+        ],
+        capture_output=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
     assert b"250 2.0.0 Ok: queued as " in result.stdout
@@ -68,8 +78,11 @@ def test_default_config_with_swaks(tmp_path):
     r = Relay(tmp_path, config=(ROOT / "etc" / "relay.ini").read_text(), port=2525)
     r.start()
     try:
-        result = subprocess.run([swaks, "--server", "127.0.0.1:2525", "--to", "someone@localhost", "--timeout", "10"],
-                                capture_output=True, timeout=30)
+        result = subprocess.run(
+            [swaks, "--server", "127.0.0.1:2525", "--to", "someone@localhost", "--timeout", "10"],
+            capture_output=True,
+            timeout=30,
+        )
         assert result.returncode == 0, result.stdout.decode()
         new = tmp_path / "var" / "mail" / "localhost" / "someone" / "new"
         assert waitFor(lambda: new.is_dir() and len(list(new.iterdir())) == 1, 1.0)
@@ -125,8 +138,9 @@ def test_kill9_right_after_250_loses_nothing(relay):
 def test_bad_config_stops_startup_with_one_line(tmp_path):
     config = tmp_path / "bad.ini"
     config.write_text(Relay(tmp_path).config.read_text().replace("[queue]\n", "[queue]\nmax_age = forever\n"))
-    result = subprocess.run([TWISTD, "-n", "--pidfile=", "relay", "--config", str(config)], cwd=tmp_path,
-                            capture_output=True, timeout=30)
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "relay", "--config", str(config)], cwd=tmp_path, capture_output=True, timeout=30
+    )
     assert result.returncode != 0
     err = result.stderr.decode()
     assert "Traceback" not in err
@@ -137,8 +151,9 @@ def test_bad_config_stops_startup_with_one_line(tmp_path):
 def test_unknown_plugin_lists_known_ones(tmp_path):
     config = tmp_path / "bad.ini"
     config.write_text(Relay(tmp_path).config.read_text().replace("plugin = maildir", "plugin = nosuch"))
-    result = subprocess.run([TWISTD, "-n", "--pidfile=", "relay", "--config", str(config)], cwd=tmp_path,
-                            capture_output=True, timeout=30)
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "relay", "--config", str(config)], cwd=tmp_path, capture_output=True, timeout=30
+    )
     err = result.stderr.decode()
     assert result.returncode != 0
     assert "[delivery:local] plugin: unknown plugin 'nosuch' (known: " in err and "maildir" in err, err
