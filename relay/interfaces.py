@@ -121,10 +121,16 @@ class IIncomingMessage(Interface):
         @return: a Deferred that fires only when data and envelope are on stable
             storage (file and directory synced) and will survive a crash.  It
             fails with L{OSError} if that cannot be done; then nothing is kept.
+            Committing twice, or an envelope with another queue id, is a
+            programming error and fails with L{ValueError}.
         """
 
     def abort():
-        """Throw the partial message away.  Safe to call at any time, twice."""
+        """
+        Throw the partial message away.  Safe to call at any time, twice.
+        After a successful commit it does nothing: the message is queued and
+        its 250 may already be on the wire.
+        """
 
 
 class IQueueStore(Interface):
@@ -147,7 +153,10 @@ class IQueueStore(Interface):
         """Start receiving a message. @return: an L{IIncomingMessage}."""
 
     def openData(queue_id):
-        """@return: a new binary file reading the committed message data."""
+        """
+        @return: a new binary file reading the committed message data.
+        @raise OSError: (L{FileNotFoundError}) for an unknown queue id.
+        """
 
     def update(envelope):
         """

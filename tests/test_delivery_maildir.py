@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+from deferred import result
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from relay.delivery import maildir as maildirModule
 from relay.delivery.maildir import MaildirBackend, copyToLF
@@ -19,16 +19,6 @@ from relay.interfaces import IDeliveryBackend, IDeliveryBackendFactory
 from relay.plugin import PluginContext, find, runInline
 
 BODY = b"Received: from x\r\nSubject: hi\r\n\r\nline one\r\nlone\rcr\r\n\xff\xfe 8bit\r\n"
-
-
-def result(d):
-    """The value a Deferred fired with (re-raising its failure); it must have fired."""
-    outcome = []
-    d.addBoth(outcome.append)
-    assert outcome, "Deferred did not fire"
-    if isinstance(outcome[0], Failure):
-        outcome[0].raiseException()
-    return outcome[0]
 
 
 def makeBackend(

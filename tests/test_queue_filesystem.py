@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
+from deferred import result
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from relay.envelope import Envelope, Recipient, RecipientState, Status
 from relay.plugin import runInline
@@ -18,16 +18,6 @@ from relay.queue import filesystem
 from relay.queue.filesystem import QUEUE_ID, FilesystemQueueStore
 
 DATA = b"Received: from x\r\n\tby y; now\r\nSubject: hi\r\n\r\nbody \xff\xfe\r\n.dot\r\n"
-
-
-def result(d):
-    """The value a Deferred fired with (re-raising its failure); it must have fired."""
-    outcome = []
-    d.addBoth(outcome.append)
-    assert outcome, "Deferred did not fire"
-    if isinstance(outcome[0], Failure):
-        outcome[0].raiseException()
-    return outcome[0]
 
 
 def makeStore(path: Path, clock: Clock | None = None) -> FilesystemQueueStore:
@@ -263,7 +253,7 @@ def test_commit_failure_at_directory_sync_removes_committed_files(tmp_path, monk
     def failingSync(path):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(filesystem, "_fsyncDirectory", failingSync)
+    monkeypatch.setattr(filesystem, "fsyncDirectory", failingSync)
     with pytest.raises(OSError) as info:
         result(incoming.commit(envelopeFor(incoming.queue_id)))
     assert info.value.errno == errno.EIO
@@ -359,8 +349,8 @@ def test_group_commit_shares_directory_syncs(tmp_path, monkeypatch):
         return d
 
     syncs = []
-    real = filesystem._fsyncDirectory
-    monkeypatch.setattr(filesystem, "_fsyncDirectory", lambda path: (syncs.append(path), real(path)))
+    real = filesystem.fsyncDirectory
+    monkeypatch.setattr(filesystem, "fsyncDirectory", lambda path: (syncs.append(path), real(path)))
     store = FilesystemQueueStore(tmp_path, deferred, Clock())
     commits = []
     for _ in range(5):

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.envelope import DeliveryResult, Envelope, Recipient, Status
+from relay.fsutil import fsyncDirectory
 from relay.interfaces import IDeliveryBackend
 
 DEFAULT_TEMPLATE = "mail/{domain}/{local}"
@@ -121,15 +122,7 @@ def _makedirs(path: str) -> None:
             if not os.path.isdir(path):
                 raise
             return
-    _fsyncDirectory(os.path.dirname(path) or ".")
-
-
-def _fsyncDirectory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsyncDirectory(os.path.dirname(path) or ".")
 
 
 def copyToLF(source: BinaryIO, target: BinaryIO, chunkSize: int = CHUNK) -> None:
@@ -240,7 +233,7 @@ class MaildirBackend:
             new = os.path.join(maildir, "new")
             os.rename(tmp, os.path.join(new, unique))
             created = False
-            _fsyncDirectory(new)
+            fsyncDirectory(new)
         except BaseException as e:
             if created:
                 try:

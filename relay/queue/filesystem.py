@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.envelope import Envelope
+from relay.fsutil import fsyncDirectory
 from relay.interfaces import IIncomingMessage, IQueueStore
 
 QUEUE_ID = re.compile(r"^[0-9A-Za-z]+$")
@@ -55,14 +56,6 @@ def _unlinkQuietly(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def _fsyncDirectory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _writeDurably(path: Path, payload: bytes) -> None:
@@ -103,7 +96,7 @@ class _GroupSync:
     def _start(self) -> None:
         waiters, self._waiting = self._waiting, []
         self._running = True
-        self._blocking(_fsyncDirectory, self._path).addBoth(self._done, waiters)
+        self._blocking(fsyncDirectory, self._path).addBoth(self._done, waiters)
 
     def _done(self, result: object, waiters: list[Deferred[None]]) -> None:
         self._running = False
@@ -294,7 +287,7 @@ class FilesystemQueueStore:
                 pass
         if removed:
             try:
-                _fsyncDirectory(self.messagesPath)
+                fsyncDirectory(self.messagesPath)
             except OSError:
                 pass
 

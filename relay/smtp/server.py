@@ -495,6 +495,8 @@ async def _accepted() -> Status:
 
 
 class SMTPServerFactory(ServerFactory):
+    noisy = False  # one log line per accepted message is ours to write, not one per connection
+
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
 
