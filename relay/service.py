@@ -8,6 +8,7 @@ reported with the file, section and key it came from.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -25,7 +26,9 @@ from relay.errors import ConfigError, OptionError
 from relay.interfaces import IDeliveryBackendFactory, IQueueStoreFactory, IRecipientValidatorFactory
 from relay.policy import Policy
 from relay.queue.scheduler import Scheduler
+from relay.smtp.auth import PasswordFile, makePortal
 from relay.smtp.server import ServerSettings, SMTPServerFactory
+from relay.smtp.tls import TLSError, serverOptions, wrapImplicit
 
 
 class RelayService(MultiService):
@@ -66,6 +69,17 @@ def _build(
     except OptionError as e:
         key = pluginKey if e.key == "plugin" else e.key
         raise ConfigError(str(settings.path), context.section, key, e.message) from None
+
+
+def _tlsOptions(settings: Settings) -> Any:
+    """The server TLS context, loaded once for every listener that uses TLS."""
+    if not any(listener.tls != "none" for listener in settings.listeners):
+        return None
+    assert settings.tls_certificate is not None and settings.tls_private_key is not None
+    try:
+        return serverOptions(settings.tls_certificate, settings.tls_private_key)
+    except TLSError as e:
+        raise ConfigError(str(settings.path), "tls", e.key, e.message) from None
 
 
 def buildService(settings: Settings, reactor: Any) -> RelayService:
@@ -115,26 +129,34 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
     scheduler.setServiceParent(top)
 
     policy = Policy(settings.local_domains, settings.relay_networks, settings.route, validators, reactor)
+    base = ServerSettings(
+        hostname=settings.hostname,
+        postmaster=settings.postmaster,
+        maxMessageSize=settings.max_message_size,
+        maxRecipients=settings.max_recipients,
+        policy=policy,
+        store=store,
+        onAccepted=scheduler.enqueue,
+        clock=reactor,
+    )
+    tlsOptions = _tlsOptions(settings)
+    portal = None
+    if settings.auth_passwords is not None and any(listener.auth != "none" for listener in settings.listeners):
+        portal = makePortal(PasswordFile(settings.auth_passwords, blocking))
     for listener in settings.listeners:
-        if listener.tls != "none" or listener.auth != "none":
-            raise ConfigError(
-                str(settings.path),
-                f"listener:{listener.name}",
-                "tls" if listener.tls != "none" else "auth",
-                "TLS and AUTH listeners are not available in this version",
-            )
-        serverSettings = ServerSettings(
-            hostname=settings.hostname,
-            postmaster=settings.postmaster,
-            maxMessageSize=settings.max_message_size,
-            maxRecipients=settings.max_recipients,
-            policy=policy,
-            store=store,
-            onAccepted=scheduler.enqueue,
-            clock=reactor,
+        serverSettings = replace(
+            base,
+            tls=listener.tls,
+            tlsOptions=tlsOptions,
+            auth=listener.auth,
+            plaintextAuth=listener.plaintext_auth,
+            portal=portal,
         )
+        factory: Any = SMTPServerFactory(serverSettings)
+        if listener.tls == "implicit":
+            factory = wrapImplicit(factory, tlsOptions, clock=reactor)
         endpoint = serverFromString(reactor, listener.endpoint)
-        service = StreamServerEndpointService(endpoint, SMTPServerFactory(serverSettings))
+        service = StreamServerEndpointService(endpoint, factory)
         service.setName(f"listener:{listener.name}")
         service.setServiceParent(top)
     return top

@@ -15,6 +15,15 @@ from relay.queue.memory import MemoryQueueStore
 from relay.smtp.server import ServerSettings, SMTPServer, SMTPServerFactory
 
 
+class TLSRecordingTransport(StringTransport):
+    """A StringTransport that records STARTTLS instead of doing it (real TLS is tested against twistd)."""
+
+    tlsStarted: Any = None
+
+    def startTLS(self, options: Any) -> None:
+        self.tlsStarted = options
+
+
 class Session:
     """One server protocol with everything it talks to, all in memory."""
 
@@ -27,6 +36,7 @@ class Session:
         validators: list[tuple[str, Any]] | None = None,
         maxMessageSize: int = 10_000,
         maxRecipients: int = 5,
+        **overrides: Any,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
@@ -49,10 +59,16 @@ class Session:
             store=self.store,
             onAccepted=self.accepted.append,
             clock=self.clock,
+            **overrides,
         )
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", client, 40000))
-        self.server: SMTPServer = SMTPServerFactory(self.settings).buildProtocol(None)
-        self.server.makeConnection(self.transport)
+        self.factory = SMTPServerFactory(self.settings)
+        self.transport, self.server = self.connect(client)
+
+    def connect(self, client: str) -> tuple[TLSRecordingTransport, SMTPServer]:
+        transport = TLSRecordingTransport(peerAddress=IPv4Address("TCP", client, 40000))
+        server: SMTPServer = self.factory.buildProtocol(None)
+        server.makeConnection(transport)
+        return transport, server
 
     def take(self) -> bytes:
         out = self.transport.value()

@@ -266,23 +266,43 @@ def test_bare_lf_command_refused():
     assert s.codes(b"NOOP\nNOOP\r\n") == ["500 5.5.2", "250 2.0.0"]
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        b"a\nb\r\n",  # bare LF
-        b"a\rb\r\n",  # bare CR
-        b"a\r\n.\n",  # <CR><LF>.<LF>
-        b"a\n.\r\n",  # <LF>.<CR><LF>
-        b"a\r.\r\n",  # <CR>.<CR><LF>
-        b"a\r\n.\r",  # <CR><LF>.<CR>
-        b"x" * 1001 + b"\r\n",  # over-long line
-    ],
-)
-def test_bad_data_refused_and_the_real_end_still_found(body):
+# Every end-of-data variant the public smtpsmug tool tries.
+SMUGGLING_ENDINGS = {
+    "lflf": b"\n.\n",
+    "crcr": b"\r.\r",
+    "crlf": b"\r.\n",
+    "lfcr": b"\n.\r",
+    "lfcrlf": b"\n.\r\n",
+    "crlflf": b"\r\n.\n",
+    "crcrlf": b"\r.\r\n",
+    "crlfcr": b"\r\n.\r",
+    "nullbefore": b"\r\n\x00.\r\n",
+}
+SMUGGLED = b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@localhost>\r\nDATA\r\nsmuggled\r\n"
+
+
+@pytest.mark.parametrize("ending", SMUGGLING_ENDINGS.values(), ids=SMUGGLING_ENDINGS.keys())
+def test_smuggling_endings_never_end_data(ending):
+    s = Session(maxMessageSize=100_000)
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<a@localhost>\r\nDATA\r\nSubject: x\r\n\r\ntext")
+    # The would-be smuggled transaction is read as data, never as commands:
+    # exactly one reply for the whole stream, and no second message.
+    replies = s.codes(ending + SMUGGLED + b"\r\n.\r\nNOOP\r\n")
+    if b"\x00" in ending:  # a NUL line is content, not an end: one message carrying it all
+        assert replies == ["250 2.0.0", "250 2.0.0"]
+        assert len(s.accepted) == 1
+        assert s.store.messages[s.accepted[0].queue_id][1].endswith(b"\x00.\r\n" + SMUGGLED + b"\r\n")
+    else:
+        assert replies == ["554 5.6.0", "250 2.0.0"]
+        assert s.accepted == []
+
+
+@pytest.mark.parametrize("body", [b"a\nb\r\n", b"a\rb\r\n", b"x" * 1001 + b"\r\n"], ids=["lf", "cr", "long"])
+def test_bad_lines_refused_and_the_real_end_still_found(body):
     s = Session(maxMessageSize=100_000)
     s.ready()
     s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n")
-    # The would-be smuggled command must be read as data, not as a command.
     assert s.codes(body + b"MAIL FROM:<evil@x.example>\r\n\r\n.\r\nNOOP\r\n") == ["554 5.6.0", "250 2.0.0"]
     assert s.accepted == []
 

@@ -2,25 +2,28 @@
 The ESMTP server: one protocol instance per connection, one explicit state machine.
 
 Commands are read from a buffer one at a time and answered strictly in order.
-A command whose answer needs to wait (a validator, the durable commit of a
-message) makes the session I{busy}: reading stops until the answer is sent, so
-pipelined commands queue up behind it and are answered in sequence.
+A command whose answer needs to wait (a validator, a password check, the
+durable commit of a message) makes the session I{busy}: reading stops until the
+answer is sent, so pipelined commands queue up behind it and are answered in
+sequence (RFC 2920).
 
-The server never delivers.  It stores the message through the queue store's
-L{IIncomingMessage} as the data arrives, and after the commit has reached the
-disk it replies 250 and hands the envelope to C{onAccepted}.
+The server never delivers.  It streams the message into the queue store's
+L{IIncomingMessage} as it arrives, and after the commit has reached the disk it
+replies 250 and hands the envelope to C{onAccepted}.
 """
 
 from __future__ import annotations
 
 import enum
 import errno
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
+from twisted.cred.credentials import UsernamePassword
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
@@ -29,18 +32,22 @@ from twisted.python.failure import Failure
 
 from relay.address import Mailbox, parseMailbox
 from relay.envelope import Envelope, Recipient, Status
-from relay.policy import Policy
+from relay.policy import Policy, clientIP
 from relay.smtp import parser
+from relay.smtp.auth import MECHANISMS, Challenge, Credentials, IMailUser, startExchange
 from relay.smtp.dotreader import DataError, DotReader
+from relay.smtp.headers import TraceCounter
+from relay.smtp.params import MailParams, mailParams, rcptParams
 from relay.verdict import SessionInfo
 
 # Command line limits (octets, CRLF included): RFC 5321 4.5.3.1.4, raised for
 # MAIL and RCPT by the parameters of RFC 1870 (SIZE), RFC 3461 (DSN) and
-# RFC 4954 (AUTH=).
+# RFC 4954 (AUTH=); SASL responses may be 12288 octets (RFC 4954 4).
 LINE_LIMIT = 512
-LINE_LIMITS = {b"MAIL": 512 + 26 + 100 + 500, b"RCPT": 512 + 500}
+LINE_LIMITS = {b"MAIL": 512 + 26 + 100 + 500, b"RCPT": 512 + 500, b"AUTH": 12288}
+SASL_LINE_LIMIT = 12288
 # Past this, an unterminated line is dropped while we look for its end.
-BUFFER_LIMIT = 4096
+BUFFER_LIMIT = 16384
 # Pipelined input waiting behind a busy command before we stop reading.
 PAUSE_ABOVE = 256 * 1024
 
@@ -54,7 +61,8 @@ class Phase(enum.Enum):
     READY = "ready"  # HELO/EHLO done, no transaction
     MAIL = "mail"  # MAIL accepted, no recipient yet
     RCPT = "rcpt"  # at least one recipient accepted
-    DATA = "data"  # reading message data
+    DATA = "data"  # reading DATA
+    CHUNKING = "chunking"  # between BDAT chunks
     CLOSED = "closed"
 
 
@@ -67,6 +75,7 @@ BAD_SEQUENCE_HELO = _reply(503, "5.5.1", "Error: send HELO/EHLO first")
 BAD_SEQUENCE_MAIL = _reply(503, "5.5.1", "Error: need MAIL command")
 BAD_SEQUENCE_RCPT = _reply(503, "5.5.1", "Error: need RCPT command")
 NESTED_MAIL = _reply(503, "5.5.1", "Error: nested MAIL command")
+IN_TRANSACTION = _reply(503, "5.5.1", "Error: MAIL transaction in progress")
 NO_VALID_RECIPIENTS = _reply(554, "5.5.1", "Error: no valid recipients")
 UNKNOWN_COMMAND = _reply(500, "5.5.2", "Error: command not recognized")
 NOT_IMPLEMENTED = _reply(502, "5.5.1", "Error: command not implemented")
@@ -76,19 +85,34 @@ TOO_MANY_RECIPIENTS = _reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = _reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 NO_STORAGE = _reply(452, "4.3.1", "Error: insufficient system storage")
 LOCAL_ERROR = _reply(451, "4.3.0", "Error: local error in processing; try again later")
+TOO_MANY_HOPS = _reply(554, "5.4.6", "Error: too many hops (mail loop?)")
 VRFY_REPLY = _reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 EXPN_REPLY = _reply(502, "5.5.1", "Error: EXPN not available")
-HELP_REPLY = _reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+HELP_REPLY = _reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP")
+TLS_NOT_AVAILABLE = _reply(502, "5.5.1", "Error: STARTTLS not available")
+TLS_READY = _reply(220, "2.0.0", "Ready to start TLS")
+AUTH_NOT_ENABLED = _reply(503, "5.5.1", "Error: authentication not enabled")
+AUTH_NEEDS_TLS = _reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_ALREADY = _reply(503, "5.5.1", "Error: already authenticated")
+AUTH_MECHANISM = _reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_OK = _reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = _reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_REQUIRED = _reply(530, "5.7.0", "Authentication required")
+BINARYMIME_NEEDS_BDAT = _reply(503, "5.5.1", "Error: BODY=BINARYMIME requires BDAT")
+TOO_MANY_ERRORS = _reply(421, "4.7.0", "Error: too many errors")
+TOO_MANY_CONNECTIONS = _reply(421, "4.7.0", "Error: too many connections from your host")
 DATA_ERRORS = {
     DataError.BARE_LF: _reply(554, "5.6.0", "Error: message has bare <LF> line endings"),
     DataError.BARE_CR: _reply(554, "5.6.0", "Error: message has bare <CR> characters"),
     DataError.LINE_TOO_LONG: _reply(554, "5.6.0", "Error: message has a line longer than 998 octets"),
 }
+# Replies that say nothing bad about the client: not counted towards the error limit.
+_NOT_ERRORS = frozenset({421, 452})
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """What a listener's sessions share; built once by the service."""
+    """What the sessions of one listener share; built once by the service."""
 
     hostname: str
     postmaster: str
@@ -98,6 +122,14 @@ class ServerSettings:
     store: Any  # IQueueStore
     onAccepted: Callable[[Envelope], None]
     clock: Any
+    tls: str = "none"  # none | starttls | implicit
+    tlsOptions: Any = None  # server CertificateOptions for STARTTLS
+    auth: str = "none"  # none | optional | required
+    plaintextAuth: bool = False
+    portal: Any = None  # twisted.cred Portal answering IMailUser
+    maxErrors: int = 20
+    maxConnectionsPerClient: int = 50
+    maxReceived: int = 50
     commandTimeout: float = COMMAND_TIMEOUT
     dataTimeout: float = DATA_TIMEOUT
 
@@ -105,11 +137,17 @@ class ServerSettings:
 @dataclass
 class Transaction:
     sender: Mailbox | None
-    body: str = "7BIT"
-    declaredSize: int | None = None
+    params: MailParams
+    recipients: list[Recipient] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.recipients: list[Recipient] = []
+
+@dataclass
+class Chunk:
+    """A BDAT chunk being read: its bytes are data, whatever they look like."""
+
+    remaining: int
+    last: bool
+    refusal: Status | None
 
 
 class SMTPServer(Protocol, TimeoutMixin):
@@ -121,18 +159,23 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.phase = Phase.CONNECTED
         self.helo = ""
         self.esmtp = False
+        self.tls = settings.tls == "implicit"
+        self.authenticated: str | None = None
         self.transaction: Transaction | None = None
+        self.errors = 0
+        self.client = ""
         self._buffer = b""
         self._discarding = False
         self._busy = False
         self._pumping = False
         self._paused = False
         self._reader: DotReader | None = None
+        self._chunk: Chunk | None = None
+        self._sasl: Any = None
         self._incoming: Any = None
+        self._trace: TraceCounter | None = None
         self._size = 0
-        self._sizeExceeded = False
-        self._storageError: OSError | None = None
-        self.client = ""
+        self._problem: Status | None = None
 
     # -- connection ------------------------------------------------------
 
@@ -140,20 +183,31 @@ class SMTPServer(Protocol, TimeoutMixin):
         peer = self.transport.getPeer()
         self.client = getattr(peer, "host", "") or ""
         self.setTimeout(self.settings.commandTimeout)
+        if not self.factory.admit(self):
+            self._send(TOO_MANY_CONNECTIONS)
+            self._close()
+            return
         self._send(_reply(220, "2.0.0", f"{self.settings.hostname} ESMTP relay"))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.phase = Phase.CLOSED
         self.setTimeout(None)
         self._abortIncoming()
+        self.factory.release(self)
 
     def timeoutConnection(self) -> None:
         self._send(_reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
         self._close()
 
     def _send(self, status: Status) -> None:
-        if self.phase is not Phase.CLOSED:
-            self.transport.write(status.reply())
+        if self.phase is Phase.CLOSED:
+            return
+        self.transport.write(status.reply())
+        if status.code >= 400 and status.code not in _NOT_ERRORS:
+            self.errors += 1
+            if self.errors >= self.settings.maxErrors:
+                self.transport.write(TOO_MANY_ERRORS.reply())
+                self._close()
 
     def _sendLines(self, code: int, lines: list[str]) -> None:
         out = [f"{code}-{line}\r\n" for line in lines[:-1]]
@@ -192,17 +246,24 @@ class SMTPServer(Protocol, TimeoutMixin):
             self.transport.resumeProducing()
 
     def _pumpLoop(self) -> None:
-        while not self._busy and self.phase is not Phase.CLOSED and self._buffer:
-            if self.phase is Phase.DATA:
+        while not self._busy and self.phase is not Phase.CLOSED and (self._buffer or self._chunkComplete()):
+            if self._chunk is not None:
+                self._pumpChunk()
+            elif self.phase is Phase.DATA:
                 self._pumpData()
-                continue
-            line = self._nextLine()
-            if line is None:
-                break
-            self._handleLine(line)
+            elif self._sasl is not None:
+                line = self._nextLine(SASL_LINE_LIMIT)
+                if line is None:
+                    break
+                self._saslResponse(line)
+            else:
+                line = self._nextLine()
+                if line is None:
+                    break
+                self._handleLine(line)
 
-    def _nextLine(self) -> bytes | None:
-        """The next command line without CRLF, or None until one is complete."""
+    def _nextLine(self, limit: int | None = None) -> bytes | None:
+        """The next line without CRLF, or None until one is complete."""
         while True:
             nl = self._buffer.find(b"\n")
             if nl == -1:
@@ -218,8 +279,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             if not line.endswith(b"\r\n"):
                 self._send(BARE_LF)
                 continue
-            limit = LINE_LIMITS.get(line[:4].upper(), LINE_LIMIT)
-            if len(line) > limit:
+            if len(line) > (limit or LINE_LIMITS.get(line[:4].upper(), LINE_LIMIT)):
                 self._send(LINE_TOO_LONG)
                 continue
             return line[:-2]
@@ -234,17 +294,55 @@ class SMTPServer(Protocol, TimeoutMixin):
             if self.phase is Phase.CLOSED:
                 return
             self._send(status)
-            self.setTimeout(self.settings.commandTimeout)
+            self.setTimeout(self.settings.dataTimeout if self._chunk else self.settings.commandTimeout)
             self._pump()
 
         d.addCallback(done)
         d.addErrback(lambda f: self.log.failure("session error", f))
 
+    # -- what this session offers ----------------------------------------
+
+    def startTLSOffered(self) -> bool:
+        return self.settings.tls == "starttls" and not self.tls
+
+    def authOffered(self) -> bool:
+        return (
+            self.settings.auth != "none"
+            and self.settings.portal is not None
+            and (self.tls or self.settings.plaintextAuth)
+            and self.authenticated is None
+        )
+
+    def extensions(self) -> list[str]:
+        offered = [
+            "PIPELINING",
+            f"SIZE {self.settings.maxMessageSize}",
+            "8BITMIME",
+            "BINARYMIME",
+            "CHUNKING",
+            "SMTPUTF8",
+            "DSN",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.startTLSOffered():
+            offered.append("STARTTLS")
+        if self.authOffered():
+            offered.append("AUTH " + " ".join(MECHANISMS))
+        return offered
+
+    def _offeredKeywords(self) -> frozenset[str]:
+        if not self.esmtp:
+            return frozenset()
+        keywords = {e.split(" ", 1)[0] for e in self.extensions()}
+        if self.settings.auth != "none" and (self.tls or self.settings.plaintextAuth):
+            keywords.add("AUTH")  # AUTH= stays valid after authenticating
+        return frozenset(keywords)
+
     # -- commands --------------------------------------------------------
 
     def _handleLine(self, line: bytes) -> None:
-        utf8 = False
-        command = parser.parseCommand(line, utf8=utf8)
+        transaction = self.transaction
+        command = parser.parseCommand(line, utf8=transaction is not None and transaction.params.smtputf8)
         match command:
             case parser.Reject(status):
                 self._send(status)
@@ -256,12 +354,18 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self._rcpt(command)
             case parser.Simple("DATA"):
                 self._data()
+            case parser.Bdat():
+                self._bdat(command)
             case parser.Simple("RSET"):
                 self._resetTransaction()
                 self._send(OK)
             case parser.Simple("QUIT"):
                 self._send(_reply(221, "2.0.0", "Bye"))
                 self._close()
+            case parser.Simple("STARTTLS"):
+                self._startTLS()
+            case parser.Auth():
+                self._auth(command)
             case parser.WithText("NOOP"):
                 self._send(OK)
             case parser.WithText("VRFY"):
@@ -270,18 +374,8 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self._send(EXPN_REPLY)
             case parser.WithText("HELP"):
                 self._send(HELP_REPLY)
-            case parser.Simple("STARTTLS") | parser.Auth() | parser.Bdat():
-                self._send(NOT_IMPLEMENTED)
             case _:
                 self._send(UNKNOWN_COMMAND)
-
-    def extensions(self) -> list[str]:
-        return [
-            "PIPELINING",
-            f"SIZE {self.settings.maxMessageSize}",
-            "8BITMIME",
-            "ENHANCEDSTATUSCODES",
-        ]
 
     def _helo(self, command: parser.Helo) -> None:
         self._resetTransaction()
@@ -294,29 +388,85 @@ class SMTPServer(Protocol, TimeoutMixin):
         else:
             self._sendLines(250, [greeting])
 
+    def _startTLS(self) -> None:
+        if not self.startTLSOffered():
+            return self._send(TLS_NOT_AVAILABLE)
+        if self.phase is Phase.CONNECTED:
+            return self._send(BAD_SEQUENCE_HELO)
+        if self.phase is not Phase.READY:
+            return self._send(IN_TRANSACTION)
+        self._send(TLS_READY)
+        # Anything the client sent after STARTTLS in the clear is discarded, and
+        # everything learnt before the handshake is forgotten (RFC 3207 4.2;
+        # the CVE-2011-0411 class of command injection).
+        self._buffer = b""
+        self._discarding = False
+        self.transport.startTLS(self.settings.tlsOptions)
+        self.tls = True
+        self.helo = ""
+        self.esmtp = False
+        self.authenticated = None
+        self.phase = Phase.CONNECTED
+
+    def _auth(self, command: parser.Auth) -> None:
+        if self.settings.auth == "none" or self.settings.portal is None:
+            return self._send(AUTH_NOT_ENABLED)
+        if self.phase is Phase.CONNECTED or not self.esmtp:
+            return self._send(BAD_SEQUENCE_HELO)
+        if self.authenticated is not None:
+            return self._send(AUTH_ALREADY)
+        if self.phase is not Phase.READY:
+            return self._send(IN_TRANSACTION)
+        if not (self.tls or self.settings.plaintextAuth):
+            return self._send(AUTH_NEEDS_TLS)
+        exchange = startExchange(command.mechanism, command.initial)
+        if exchange is None:
+            return self._send(AUTH_MECHANISM)
+        self._sasl = exchange
+        self._saslResult(exchange.start())
+
+    def _saslResponse(self, line: bytes) -> None:
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            text = "\x00"  # not base64: the exchange refuses it
+        self._saslResult(self._sasl.respond(text))
+
+    def _saslResult(self, result: Any) -> None:
+        if isinstance(result, Challenge):
+            self.transport.write(f"334 {result.text}\r\n".encode("ascii"))
+            return
+        self._sasl = None
+        if not isinstance(result, Credentials):
+            return self._send(result.status)
+        credentials = UsernamePassword(result.username.encode("utf-8"), result.password.encode("utf-8"))
+        d = self.settings.portal.login(credentials, None, IMailUser)
+
+        def succeeded(login: tuple[Any, Any, Any]) -> Status:
+            self.authenticated = result.username
+            self.log.info("authenticated {user} client={client}", user=result.username, client=self.client)
+            return AUTH_OK
+
+        def failed(failure: Failure) -> Status:
+            self.log.info("authentication failed for {user} client={client}", user=result.username, client=self.client)
+            return AUTH_FAILED
+
+        d.addCallbacks(succeeded, failed)
+        self._wait(d)
+
     def _mail(self, command: parser.Mail) -> None:
         if self.phase is Phase.CONNECTED:
             return self._send(BAD_SEQUENCE_HELO)
         if self.phase is not Phase.READY:
             return self._send(NESTED_MAIL)
-        transaction = Transaction(command.sender)
-        for key, value in command.params:
-            if key == "SIZE" and self.esmtp:
-                if value is None or not value.isdigit():
-                    return self._send(_reply(501, "5.5.4", "Bad SIZE value"))
-                if int(value) > self.settings.maxMessageSize:
-                    return self._send(MESSAGE_TOO_BIG)
-                transaction.declaredSize = int(value)
-            elif key == "BODY" and self.esmtp:
-                body = (value or "").upper()
-                if body not in ("7BIT", "8BITMIME"):
-                    return self._send(_reply(501, "5.5.4", "Bad BODY value"))
-                transaction.body = body
-            else:
-                return self._send(_reply(555, "5.5.4", f"Unsupported parameter {key}"))
-        if command.sender is not None and not command.sender.ascii:
-            return self._send(_reply(553, "5.6.7", "UTF-8 addresses need SMTPUTF8"))
-        self.transaction = transaction
+        if self.settings.auth == "required" and self.authenticated is None:
+            return self._send(AUTH_REQUIRED)
+        params = mailParams(command.params, self._offeredKeywords(), self.settings.maxMessageSize)
+        if isinstance(params, Status):
+            return self._send(params)
+        if command.sender is not None and not command.sender.ascii and not params.smtputf8:
+            return self._send(_reply(553, "5.6.7", "Error: UTF-8 addresses need SMTPUTF8"))
+        self.transaction = Transaction(command.sender, params)
         self.phase = Phase.MAIL
         self._send(_reply(250, "2.1.0", "Ok"))
 
@@ -326,28 +476,30 @@ class SMTPServer(Protocol, TimeoutMixin):
         transaction = self.transaction
         if transaction is None or self.phase not in (Phase.MAIL, Phase.RCPT):
             return self._send(BAD_SEQUENCE_MAIL)
-        if command.params:
-            return self._send(_reply(555, "5.5.4", f"Unsupported parameter {command.params[0][0]}"))
+        params = rcptParams(command.params, self._offeredKeywords())
+        if isinstance(params, Status):
+            return self._send(params)
         if len(transaction.recipients) >= self.settings.maxRecipients:
             return self._send(TOO_MANY_RECIPIENTS)
         if command.recipient is None:
-            mailbox = parseMailbox(self.settings.postmaster)
-            address = str(mailbox)
-            d: Deferred[Status] = Deferred.fromCoroutine(_accepted())
+            address = str(parseMailbox(self.settings.postmaster))
+            d: Deferred[Status] = Deferred.fromCoroutine(_const(_reply(250, "2.1.5", "Ok")))
         else:
             address = str(command.recipient)
             session = SessionInfo(
                 client_address=self.client,
                 helo=self.helo,
                 sender=str(transaction.sender) if transaction.sender else "",
+                authenticated=self.authenticated,
+                tls=self.tls,
                 local_domain=self.settings.policy.isLocal(command.recipient.domain),
             )
-            mayRelay = self.settings.policy.mayRelay(self.client, None)
+            mayRelay = self.settings.policy.mayRelay(self.client, self.authenticated)
             d = self.settings.policy.checkRecipient(address, session, mayRelay)
 
         def decided(status: Status) -> Status:
             if status.ok and self.transaction is transaction:
-                transaction.recipients.append(Recipient(address))
+                transaction.recipients.append(Recipient(address, notify=params.notify, orcpt=params.orcpt))
                 self.phase = Phase.RCPT
             return status
 
@@ -361,26 +513,55 @@ class SMTPServer(Protocol, TimeoutMixin):
             return self._send(NO_VALID_RECIPIENTS)
         if self.phase is not Phase.RCPT:
             return self._send(BAD_SEQUENCE_RCPT)
-        try:
-            self._incoming = self.settings.store.begin()
-            self._size = 0
-            self._sizeExceeded = False
-            self._storageError = None
-            self._writeRaw(self._receivedHeader())
-        except OSError as e:
-            self._abortIncoming()
-            return self._send(NO_STORAGE if e.errno in (errno.ENOSPC, errno.EDQUOT) else LOCAL_ERROR)
-        self._reader = DotReader(self._writeData)
+        assert self.transaction is not None
+        if self.transaction.params.body == "BINARYMIME":
+            return self._send(BINARYMIME_NEEDS_BDAT)
+        refusal = self._beginMessage()
+        if refusal is not None:
+            return self._send(refusal)
+        self._reader = DotReader(self._writeBody)
         self.phase = Phase.DATA
         self.setTimeout(self.settings.dataTimeout)
         self._send(_reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"))
 
+    def _bdat(self, command: parser.Bdat) -> None:
+        # The chunk's bytes follow whatever we answer, so they are read in every
+        # case; a refusal is sent once they have been consumed (RFC 3030 2).
+        refusal: Status | None = None
+        if "CHUNKING" not in self._offeredKeywords():
+            refusal = BAD_SEQUENCE_HELO if self.phase is Phase.CONNECTED else NOT_IMPLEMENTED
+        elif self.phase is Phase.CONNECTED:
+            refusal = BAD_SEQUENCE_HELO
+        elif self.phase is Phase.MAIL:
+            refusal = NO_VALID_RECIPIENTS
+        elif self.phase is Phase.RCPT:
+            refusal = self._beginMessage()
+            if refusal is None:
+                self.phase = Phase.CHUNKING
+        elif self.phase is not Phase.CHUNKING:
+            refusal = BAD_SEQUENCE_RCPT
+        self._chunk = Chunk(command.size, command.last, refusal)
+        self.setTimeout(self.settings.dataTimeout)
+
     # -- message data ----------------------------------------------------
+
+    def _beginMessage(self) -> Status | None:
+        try:
+            self._incoming = self.settings.store.begin()
+            self._size = 0
+            self._problem = None
+            self._trace = TraceCounter()
+            self._incoming.write(self._receivedHeader())
+        except OSError as e:
+            self._abortIncoming()
+            return NO_STORAGE if e.errno in (errno.ENOSPC, errno.EDQUOT) else LOCAL_ERROR
+        return None
 
     def _receivedHeader(self) -> bytes:
         transaction = self.transaction
         assert transaction is not None
-        protocol = "ESMTP" if self.esmtp else "SMTP"
+        protocol = ("UTF8SMTP" if transaction.params.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
+        protocol += ("S" if self.tls else "") + ("A" if self.authenticated else "")
         when = format_datetime(datetime.fromtimestamp(self.settings.clock.seconds(), UTC))
         forClause = ""
         if len(transaction.recipients) == 1:
@@ -391,20 +572,24 @@ class SMTPServer(Protocol, TimeoutMixin):
             f"{forClause}; {when}\r\n"
         ).encode()
 
-    def _writeRaw(self, data: bytes) -> None:
-        self._incoming.write(data)
-
-    def _writeData(self, data: bytes) -> None:
-        if self._sizeExceeded or self._storageError is not None:
+    def _writeBody(self, data: bytes) -> None:
+        """Message bytes as the client sent them (unstuffed): check, count, store."""
+        if self._problem is not None:
             return
         self._size += len(data)
         if self._size > self.settings.maxMessageSize:
-            self._sizeExceeded = True
+            self._problem = MESSAGE_TOO_BIG
             return
+        trace = self._trace
+        if trace is not None and not trace.done:
+            trace.feed(data)
+            if trace.received > self.settings.maxReceived:
+                self._problem = TOO_MANY_HOPS
+                return
         try:
             self._incoming.write(data)
         except OSError as e:
-            self._storageError = e
+            self._problem = NO_STORAGE if e.errno in (errno.ENOSPC, errno.EDQUOT) else LOCAL_ERROR
 
     def _pumpData(self) -> None:
         assert self._reader is not None
@@ -413,27 +598,52 @@ class SMTPServer(Protocol, TimeoutMixin):
         if end is None:
             return
         self._buffer = data[end:]
-        self._wait(self._endOfData())
+        reader, self._reader = self._reader, None
+        if reader.error is not None and self._problem is None:
+            self._problem = DATA_ERRORS[reader.error]
+        self._wait(self._endOfMessage())
 
-    def _endOfData(self) -> Deferred[Status]:
+    def _chunkComplete(self) -> bool:
+        return self._chunk is not None and self._chunk.remaining == 0
+
+    def _pumpChunk(self) -> None:
+        chunk = self._chunk
+        assert chunk is not None
+        if chunk.remaining:
+            piece = self._buffer[: chunk.remaining]
+            self._buffer = self._buffer[len(piece) :]
+            chunk.remaining -= len(piece)
+            if chunk.refusal is None:
+                self._writeBody(piece)
+            if chunk.remaining:
+                return
+        self._chunk = None
+        if chunk.refusal is not None:
+            if self.phase is Phase.CHUNKING:
+                self._resetTransaction()
+            self._send(chunk.refusal)
+        elif chunk.last:
+            self._wait(self._endOfMessage())
+        elif self._problem is not None:
+            problem = self._problem
+            self._resetTransaction()
+            self._send(problem)
+        else:
+            self._send(_reply(250, "2.0.0", f"{self._size} octets received"))
+
+    def _endOfMessage(self) -> Deferred[Status]:
         transaction = self.transaction
-        reader = self._reader
         incoming = self._incoming
-        assert transaction is not None and reader is not None
-        self._reader = None
+        assert transaction is not None
         self.phase = Phase.READY
         self.transaction = None
-        problem: Status | None = None
-        if reader.error is not None:
-            problem = DATA_ERRORS[reader.error]
-        elif self._sizeExceeded:
-            problem = MESSAGE_TOO_BIG
-        elif self._storageError is not None:
-            problem = NO_STORAGE if self._storageError.errno in (errno.ENOSPC, errno.EDQUOT) else LOCAL_ERROR
-        if problem is not None:
+        self._trace = None
+        if self._problem is not None:
+            problem, self._problem = self._problem, None
             self._abortIncoming()
             return Deferred.fromCoroutine(_const(problem))
         self._incoming = None
+        params = transaction.params
         envelope = Envelope(
             queue_id=incoming.queue_id,
             sender=str(transaction.sender) if transaction.sender else "",
@@ -442,7 +652,11 @@ class SMTPServer(Protocol, TimeoutMixin):
             size=self._size,
             client_address=self.client,
             helo=self.helo,
-            body=transaction.body,
+            body=params.body,
+            smtputf8=params.smtputf8,
+            ret=params.ret,
+            envid=params.envid,
+            auth=self.authenticated,
         )
         d = maybeDeferred(incoming.commit, envelope)
         d.addCallbacks(lambda _: self._committed(envelope), lambda f: self._commitFailed(f, incoming))
@@ -476,13 +690,15 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _abortIncoming(self) -> None:
         incoming, self._incoming = self._incoming, None
         self._reader = None
+        self._trace = None
+        self._problem = None
         if incoming is not None:
             incoming.abort()
 
     def _resetTransaction(self) -> None:
         self._abortIncoming()
         self.transaction = None
-        if self.phase in (Phase.MAIL, Phase.RCPT, Phase.DATA):
+        if self.phase in (Phase.MAIL, Phase.RCPT, Phase.DATA, Phase.CHUNKING):
             self.phase = Phase.READY
 
 
@@ -490,17 +706,35 @@ async def _const(status: Status) -> Status:
     return status
 
 
-async def _accepted() -> Status:
-    return _reply(250, "2.1.5", "Ok")
-
-
 class SMTPServerFactory(ServerFactory):
+    """
+    Builds sessions for one listener and limits concurrent sessions per client
+    address (clients in relay_networks are exempt, as they are our own).
+    """
+
     noisy = False  # one log line per accepted message is ours to write, not one per connection
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        self._perClient: Counter[str] = Counter()
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         protocol = SMTPServer(self.settings)
         protocol.factory = self
         return protocol
+
+    def admit(self, protocol: SMTPServer) -> bool:
+        client = protocol.client
+        if self.settings.policy.mayRelay(client, None) or clientIP(client) is None:
+            protocol._counted = False
+            return True
+        self._perClient[client] += 1
+        protocol._counted = True
+        return self._perClient[client] <= self.settings.maxConnectionsPerClient
+
+    def release(self, protocol: SMTPServer) -> None:
+        if getattr(protocol, "_counted", False):
+            protocol._counted = False
+            self._perClient[protocol.client] -= 1
+            if self._perClient[protocol.client] <= 0:
+                del self._perClient[protocol.client]
