@@ -41,6 +41,13 @@ def _bad(text: str, code: int = 501, enhanced: str = "5.5.4") -> Status:
     return Status(code, enhanced, text)
 
 
+def _xtext(key: str, value: str | None) -> str | Status:
+    try:
+        return decodeXtext(value or "")
+    except ValueError as e:
+        return _bad(f"Bad {key} value: {e}")
+
+
 def _unsupported(key: str) -> Status:
     return _bad(f"Unsupported parameter {key}", 555)
 
@@ -89,18 +96,16 @@ def mailParams(params: Params, offered: Collection[str], maxSize: int) -> MailPa
                 return _bad("Bad RET value")
             values["ret"] = ret
         elif key == "ENVID" and "DSN" in offered:
-            try:
-                envid = decodeXtext(value or "")
-            except ValueError as e:
-                return _bad(f"Bad ENVID value: {e}")
+            envid = _xtext(key, value)
+            if isinstance(envid, Status):
+                return envid
             if not envid or len(envid) > 100 or not envid.isprintable() or not envid.isascii():
                 return _bad("Bad ENVID value")
             values["envid"] = envid
         elif key == "AUTH" and "AUTH" in offered:
-            try:
-                auth = decodeXtext(value or "")
-            except ValueError as e:
-                return _bad(f"Bad AUTH value: {e}")
+            auth = _xtext(key, value)
+            if isinstance(auth, Status):
+                return auth
             if auth != "<>":
                 try:
                     parseMailbox(auth, utf8=True)
@@ -125,10 +130,9 @@ def rcptParams(params: Params, offered: Collection[str]) -> RcptParams | Status:
             addrType, semi, encoded = (value or "").partition(";")
             if not semi or not _ADDR_TYPE.match(addrType) or not encoded:
                 return _bad("Bad ORCPT value")
-            try:
-                address = decodeXtext(encoded)
-            except ValueError as e:
-                return _bad(f"Bad ORCPT value: {e}")
+            address = _xtext(key, encoded)
+            if isinstance(address, Status):
+                return address
             if len(address) > 500:
                 return _bad("Bad ORCPT value")
             orcpt = f"{addrType.lower()};{address}"

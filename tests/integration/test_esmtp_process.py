@@ -116,6 +116,11 @@ def swaks(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def submit(rig: Rig, *args: str) -> subprocess.CompletedProcess:
+    """swaks to the submission listener, over STARTTLS, to a remote domain."""
+    return swaks("--server", f"127.0.0.1:{rig.ports['submission']}", "--to", "far@remote.example", "-tls", *args)
+
+
 def delivered(rig: Rig, address: str) -> bytes:
     assert waitFor(lambda: rig.relay.delivered(address), 5), rig.relay.logText()
     return rig.relay.delivered(address)[0].read_bytes()
@@ -136,12 +141,8 @@ def test_swaks_implicit_tls(rig):
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_swaks_submission_auth_relays(rig, mechanism):
-    result = swaks(
-        "--server",
-        f"127.0.0.1:{rig.ports['submission']}",
-        "--to",
-        "far@remote.example",
-        "-tls",
+    result = submit(
+        rig,
         "--auth",
         mechanism,
         "--auth-user",
@@ -156,18 +157,14 @@ def test_swaks_submission_auth_relays(rig, mechanism):
 
 
 def test_submission_without_auth_gets_530(rig):
-    result = swaks("--server", f"127.0.0.1:{rig.ports['submission']}", "--to", "far@remote.example", "-tls")
+    result = submit(rig)
     assert result.returncode != 0
     assert "530 5.7.0 Authentication required" in result.stdout
 
 
 def test_wrong_password_gets_535(rig):
-    result = swaks(
-        "--server",
-        f"127.0.0.1:{rig.ports['submission']}",
-        "--to",
-        "far@remote.example",
-        "-tls",
+    result = submit(
+        rig,
         "--auth",
         "PLAIN",
         "--auth-user",
