@@ -18,7 +18,7 @@ import errno
 import itertools
 import os
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.envelope import DeliveryResult, Envelope, Recipient, Status
+from relay.errors import OptionError
 from relay.fsutil import fsyncDirectory
 from relay.interfaces import IDeliveryBackend
 
@@ -249,3 +250,12 @@ class MaildirBackend:
 
     def stop(self) -> None:
         pass
+
+
+def fromOptions(options: Mapping[str, Any], context: Any) -> MaildirBackend:
+    """The backend a C{path} option describes; shared by the backend and validator plugins."""
+    template = str(options.get("path", DEFAULT_TEMPLATE))
+    problem = checkTemplate(template)
+    if problem is not None:
+        raise OptionError("path", problem)
+    return MaildirBackend(template, context.state_dir, context.hostname, context.blocking, context.reactor)

@@ -13,7 +13,6 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from relay.errors import OptionError
 from relay.interfaces import IDeliveryBackendFactory
 
 
@@ -24,13 +23,9 @@ class MaildirBackendFactory:
     keys = {"path": "maildir path template under state_dir; {domain} and {local} are replaced"}
 
     def build(self, options: Mapping[str, Any], context: Any) -> Any:
-        from relay.delivery.maildir import DEFAULT_TEMPLATE, MaildirBackend, checkTemplate
+        from relay.delivery.maildir import fromOptions
 
-        template = str(options.get("path", DEFAULT_TEMPLATE))
-        problem = checkTemplate(template)
-        if problem is not None:
-            raise OptionError("path", problem)
-        return MaildirBackend(template, context.state_dir, context.hostname, context.blocking, context.reactor)
+        return fromOptions(options, context)
 
 
 maildir = MaildirBackendFactory()

@@ -176,3 +176,31 @@ def test_port_is_free_after_stop(relay):
     r.stop()
     assert not listening(r.port)
     assert freePort()
+
+
+def test_configured_validators_decide_recipients(tmp_path):
+    from relayproc import MINIMAL
+
+    config = MINIMAL.format(state=tmp_path / "var", port=freePort(), retry="1m")
+    config = config.replace(
+        "relay_networks = 127.0.0.0/8\n",
+        "relay_networks = 127.0.0.0/8\nvalidators = blocked users\n\n"
+        "[validator:blocked]\nplugin = static\nmode = deny\naddresses = spam@localhost\n\n"
+        "[validator:users]\nplugin = maildir\n",
+    )
+    r = Relay(tmp_path, config=config, port=int(config.split("endpoint = tcp:")[1].split(":")[0]))
+    (r.state / "mail" / "localhost" / "alice" / "new").mkdir(parents=True)
+    r.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as client:
+            client.ehlo("c.example")
+            client.mail("a@example.org")
+            assert client.rcpt("alice@localhost")[0] == 250
+            assert client.rcpt("bob@localhost")[:2] == (
+                550,
+                b"5.1.1 Recipient address rejected: User unknown in local mailbox table",
+            )
+            assert client.rcpt("spam@localhost")[0] == 550
+            assert client.rcpt("postmaster@localhost")[0] == 250
+    finally:
+        r.stop()

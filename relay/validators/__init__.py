@@ -1,0 +1,1 @@
+"""The built-in recipient validators (registered in relay/plugins/validators.py)."""
