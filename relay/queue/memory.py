@@ -28,6 +28,7 @@ class MemoryIncoming:
         self._store = store
         self._chunks: list[bytes] = []
         self.aborted = False
+        self.committed = False
 
     def write(self, data: bytes) -> None:
         if self._store.failWrites:
@@ -35,13 +36,18 @@ class MemoryIncoming:
         self._chunks.append(data)
 
     def commit(self, envelope: Envelope) -> Deferred[None]:
+        if self.committed or envelope.queue_id != self.queue_id:
+            return fail(ValueError("commit twice, or with another message's envelope"))
         if self._store.failCommits:
             return fail(OSError(errno.ENOSPC, "No space left on device"))
         self._store.messages[self.queue_id] = (envelope.copy(), b"".join(self._chunks))
         self._store.incoming.discard(self)
+        self.committed = True
         return succeed(None)
 
     def abort(self) -> None:
+        if self.committed:
+            return
         self.aborted = True
         self._store.incoming.discard(self)
 
@@ -64,6 +70,8 @@ class MemoryQueueStore:
         return incoming
 
     def openData(self, queueID: str) -> BinaryIO:
+        if queueID not in self.messages:
+            raise FileNotFoundError(errno.ENOENT, "no such message", queueID)
         return io.BytesIO(self.messages[queueID][1])
 
     def update(self, envelope: Envelope) -> Deferred[None]:

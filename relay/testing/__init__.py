@@ -1,0 +1,1 @@
+"""Test support that plugin authors can import: contract suites for the plugin interfaces."""

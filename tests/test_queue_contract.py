@@ -1,0 +1,27 @@
+"""The IQueueStore contract suite, run against both built-in stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.task import Clock
+
+from relay.plugin import runInline
+from relay.queue.filesystem import FilesystemQueueStore
+from relay.queue.memory import MemoryQueueStore
+from relay.testing.queuestore import QueueStoreContract
+
+
+class TestFilesystemStore(QueueStoreContract):
+    def makeStore(self, path: Path) -> FilesystemQueueStore:
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        return FilesystemQueueStore(path, runInline, clock)
+
+
+class TestMemoryStore(QueueStoreContract):
+    """Memory keeps nothing across processes: a 'restart' is the same instance."""
+
+    def makeStore(self, path: Path) -> MemoryQueueStore:
+        stores = self.__dict__.setdefault("_stores", {})
+        return stores.setdefault(path, MemoryQueueStore())
