@@ -124,7 +124,15 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         name: _build(settings, IDeliveryBackendFactory, section.plugin, section.options, context(section.section))
         for name, section in settings.deliveries.items()
     }
-    scheduler = Scheduler(store, Router(settings.route, backends), reactor, queue.retry, queue.max_age)
+    scheduler = Scheduler(
+        store,
+        Router(settings.route, backends),
+        reactor,
+        queue.retry,
+        queue.max_age,
+        reportingMTA=settings.hostname,
+        warnAfter=queue.warn_after,
+    )
     top = RelayService(settings, store, scheduler)
     scheduler.setServiceParent(top)
 

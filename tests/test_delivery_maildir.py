@@ -136,10 +136,12 @@ def test_bad_mailbox_is_permanent(tmp_path, address):
     assert not (tmp_path / "mail").exists()
 
 
-def test_address_split_at_last_at_sign(tmp_path):
+def test_quoted_local_part_names_the_unquoted_mailbox(tmp_path):
     (outcome,) = deliver(makeBackend(tmp_path), ['"a@b"@example.test'])
     assert outcome.delivered
-    assert len(delivered(tmp_path / "mail" / "example.test" / '"a@b"')) == 1
+    assert len(delivered(tmp_path / "mail" / "example.test" / "a@b")) == 1
+    (hidden,) = deliver(makeBackend(tmp_path), ['".hidden"@example.test'])
+    assert hidden.status.enhanced == "5.1.3"
 
 
 def test_path_escaping_the_template_prefix_is_refused(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import random
 
 from twisted.internet.defer import Deferred
@@ -178,3 +180,65 @@ def test_stop_waits_for_running_attempts():
     assert isinstance(stopped, Deferred) and not stopped.called
     backend.hold.callback(None)
     assert stopped.called
+
+
+# -- delivery status notifications ------------------------------------------------
+
+
+def reporting(answers, **kw):
+    clock, store, backend, scheduler = setup(answers, **kw)
+    scheduler.reportingMTA = "relay.test"
+    return clock, store, backend, scheduler
+
+
+def reportsSent(backend):
+    sent = []
+    for _, addresses, data in backend.calls:
+        message = email.message_from_bytes(data, policy=email.policy.default)
+        if message.get_content_type() == "multipart/report":
+            status = [p for p in message.walk() if p.get_content_type() == "message/delivery-status"][0]
+            actions = [block["Action"] for block in status.get_payload()[1:]]
+            sent.append((addresses, actions))
+    return sent
+
+
+def test_permanent_failure_bounces_to_the_sender():
+    clock, store, backend, scheduler = reporting({"a@x.example": [NEVER], "b@x.example": [OK], "s@example.org": [OK]})
+    scheduler.enqueue(queue(store, clock, "a@x.example", "b@x.example"))
+    clock.advance(0)
+    clock.advance(0)
+    assert reportsSent(backend) == [(["s@example.org"], ["failed"])]
+    assert store.messages == {}
+
+
+def test_bounce_of_a_bounce_is_dropped():
+    clock, store, backend, scheduler = reporting({"a@x.example": [NEVER], "s@example.org": [NEVER]})
+    scheduler.enqueue(queue(store, clock, "a@x.example"))
+    for _ in range(3):
+        clock.advance(0)
+    assert [c[1] for c in backend.calls] == [["a@x.example"], ["s@example.org"]]
+    assert store.messages == {}
+
+
+def test_notify_never_and_success():
+    clock, store, backend, scheduler = reporting({"a@x.example": [NEVER], "b@x.example": [OK], "s@example.org": [OK]})
+    envelope = queue(store, clock, "a@x.example", "b@x.example")
+    envelope.recipients[0].notify = ("NEVER",)
+    envelope.recipients[1].notify = ("SUCCESS",)
+    scheduler.enqueue(envelope)
+    clock.advance(0)
+    clock.advance(0)
+    assert reportsSent(backend) == [(["s@example.org"], ["delivered"])]
+
+
+def test_one_delay_warning_after_warn_after():
+    clock, store, backend, scheduler = reporting(
+        {"a@x.example": [LATER] * 10 + [OK], "s@example.org": [OK]}, retry=(600.0,), maxAge=86400.0
+    )
+    scheduler.warnAfter = 1000.0
+    scheduler.enqueue(queue(store, clock, "a@x.example"))
+    clock.advance(0)
+    for _ in range(6):
+        clock.advance(600)
+    assert reportsSent(backend) == [(["s@example.org"], ["delayed"])]
+    assert any(e.extra.get("delay_warned") for e, _ in store.messages.values())

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.address import AddressError, parseMailbox
 from relay.envelope import DeliveryResult, Envelope, Recipient, Status
 from relay.errors import OptionError
 from relay.fsutil import fsyncDirectory
@@ -173,10 +174,12 @@ class MaildirBackend:
 
     def maildirFor(self, address: str) -> str | None:
         """The maildir of C{address}, or C{None} if the address cannot name one safely."""
-        local, at, domain = address.rpartition("@")
-        if not at:
+        try:
+            mailbox = parseMailbox(address, utf8=True)
+        except AddressError:
             return None
-        local, domain = local.lower(), domain.lower()
+        # the mailbox name, not its quoted form: "john doe"@x is the maildir john doe
+        local, domain = mailbox.local.lower(), mailbox.domain.lower()
         if _badPart(local) or _badPart(domain):
             return None
         path = os.path.normpath(os.path.join(self._base, self.template.format(local=local, domain=domain)))

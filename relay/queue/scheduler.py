@@ -19,6 +19,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
+from relay.bounce import Kind, buildReport, recipientsToNotify
 from relay.delivery.router import Router
 from relay.envelope import DeliveryResult, Envelope, Recipient, RecipientState, Status
 
@@ -41,6 +42,8 @@ class Scheduler(Service):
         attemptTimeout: float = 600.0,
         jitter: float = 0.1,
         rng: random.Random | None = None,
+        reportingMTA: str | None = None,
+        warnAfter: float = 0.0,
     ) -> None:
         self.store = store
         self.router = router
@@ -51,6 +54,8 @@ class Scheduler(Service):
         self.attemptTimeout = attemptTimeout
         self.jitter = jitter
         self._rng = rng or random.Random()
+        self.reportingMTA = reportingMTA  # None: send no DSNs (tests of delivery alone)
+        self.warnAfter = warnAfter
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._envelopes: dict[str, Envelope] = {}
@@ -134,6 +139,17 @@ class Scheduler(Service):
         now = self.clock.seconds()
         for recipient, status, backend in results:
             self._apply(envelope, recipient, status, backend, now)
+        # Reports are queued before the original's state is stored: after a
+        # crash in between, a report may go twice, never zero times.
+        failed = [r for r, _, _ in results if r.state is RecipientState.FAILED]
+        delivered = [r for r, _, _ in results if r.state is RecipientState.DELIVERED]
+        await self._report(envelope, failed, Kind.FAILURE, now)
+        await self._report(envelope, delivered, Kind.SUCCESS, now)
+        pending = envelope.pending()
+        if pending and self.warnAfter and now - envelope.received_at >= self.warnAfter:
+            if not envelope.extra.get("delay_warned"):
+                envelope.extra["delay_warned"] = True
+                await self._report(envelope, pending, Kind.DELAY, now)
         if not envelope.pending():
             del self._envelopes[envelope.queue_id]
             await maybeDeferred(self.store.remove, envelope.queue_id)
@@ -141,6 +157,49 @@ class Scheduler(Service):
         await maybeDeferred(self.store.update, envelope)
         if not self._stopping:
             self._push(envelope.queue_id, min(r.next_attempt or now for r in envelope.pending()))
+
+    async def _report(self, envelope: Envelope, recipients: list[Recipient], kind: Kind, now: float) -> None:
+        if not recipients or self.reportingMTA is None:
+            return
+        if envelope.sender == "" and kind is Kind.FAILURE:
+            for recipient in recipients:
+                self.log.warn(
+                    "dropped undeliverable report {queue_id} to=<{to}>",
+                    queue_id=envelope.queue_id,
+                    to=recipient.address,
+                )
+            return
+        notify = recipientsToNotify(envelope, recipients, kind)
+        if not notify:
+            return
+        try:
+            with self.store.openData(envelope.queue_id) as original:
+                data = buildReport(
+                    envelope,
+                    notify,
+                    kind,
+                    self.reportingMTA,
+                    original,
+                    now,
+                    retryUntil=envelope.received_at + self.maxAge,
+                )
+            incoming = self.store.begin()
+            incoming.write(data)
+            report = Envelope(incoming.queue_id, "", [Recipient(envelope.sender)], now, size=len(data), body="8BITMIME")
+            await maybeDeferred(incoming.commit, report)
+        except Exception:
+            self.log.failure(
+                "could not queue a {kind} report for {queue_id}", kind=kind.value, queue_id=envelope.queue_id
+            )
+            return
+        self.log.info(
+            "report {queue_id}: {kind} notice for {original} to=<{to}>",
+            queue_id=report.queue_id,
+            kind=kind.value,
+            original=envelope.queue_id,
+            to=envelope.sender,
+        )
+        self.enqueue(report)
 
     def _deliver(self, name: str, envelope: Envelope, recipients: list[Recipient]) -> Deferred[list[DeliveryResult]]:
         backend = self.router.backends[name]

@@ -204,3 +204,21 @@ def test_configured_validators_decide_recipients(tmp_path):
             assert client.rcpt("postmaster@localhost")[0] == 250
     finally:
         r.stop()
+
+
+def test_undeliverable_mail_bounces_to_a_local_sender(relay):
+    """A permanent failure (a mailbox name that cannot be a maildir) comes back as an RFC 3464 report."""
+    import email
+    import email.policy
+
+    r = relay().start()
+    send(r.port, ['".hidden"@localhost'], sender="writer@localhost")
+    assert waitFor(lambda: r.delivered("writer@localhost"), 5), r.logText()
+    report = email.message_from_bytes(r.delivered("writer@localhost")[0].read_bytes(), policy=email.policy.default)
+    assert report["Return-Path"] == "<>"
+    assert report.get_content_type() == "multipart/report"
+    status = [p for p in report.walk() if p.get_content_type() == "message/delivery-status"][0]
+    [block] = status.get_payload()[1:]
+    assert (block["Action"], block["Status"]) == ("failed", "5.1.3")
+    assert block["Final-Recipient"] == 'rfc822; ".hidden"@localhost'
+    assert "failed notice for" in r.logText()
