@@ -31,7 +31,7 @@ test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
-	$(PY) bench/run.py
+	$(PY) bench/acceptance.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache
