@@ -18,7 +18,7 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from relay.envelope import Status
@@ -77,14 +77,10 @@ class Policy:
         local, _, domain = address.rpartition("@")
         isLocal = self.isLocal(domain)
         if isLocal and local.lower() == "postmaster":
-            return Deferred.fromCoroutine(self._const(ACCEPTED))
+            return succeed(ACCEPTED)
         if not isLocal and (not mayRelay or self._route(domain) is None):
-            return Deferred.fromCoroutine(self._const(RELAY_DENIED))
+            return succeed(RELAY_DENIED)
         return Deferred.fromCoroutine(self._ask(address, session))
-
-    @staticmethod
-    async def _const(status: Status) -> Status:
-        return status
 
     async def _ask(self, address: str, session: SessionInfo) -> Status:
         for name, validator in self.validators:

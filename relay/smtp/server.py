@@ -24,7 +24,7 @@ from email.utils import format_datetime
 from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -483,7 +483,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return self._send(TOO_MANY_RECIPIENTS)
         if command.recipient is None:
             address = str(parseMailbox(self.settings.postmaster))
-            d: Deferred[Status] = Deferred.fromCoroutine(_const(_reply(250, "2.1.5", "Ok")))
+            d: Deferred[Status] = succeed(_reply(250, "2.1.5", "Ok"))
         else:
             address = str(command.recipient)
             session = SessionInfo(
@@ -641,7 +641,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         if self._problem is not None:
             problem, self._problem = self._problem, None
             self._abortIncoming()
-            return Deferred.fromCoroutine(_const(problem))
+            return succeed(problem)
         self._incoming = None
         params = transaction.params
         envelope = Envelope(
@@ -700,10 +700,6 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.transaction = None
         if self.phase in (Phase.MAIL, Phase.RCPT, Phase.DATA, Phase.CHUNKING):
             self.phase = Phase.READY
-
-
-async def _const(status: Status) -> Status:
-    return status
 
 
 class SMTPServerFactory(ServerFactory):
