@@ -3,8 +3,11 @@ Durable acceptance throughput: smtp-source against relay and against a private
 Postfix (../shared/tools/postfix-peer in hold mode), in the same run, on the
 same machine. Prints one table.
 
-Both sides fsync before 250. relay also delivers what it accepts into maildirs
-while it is measured (it has no hold mode), so its figure is conservative.
+Both sides fsync before 250 and deliver nothing while measured: Postfix puts
+every message on hold, relay runs with ``[queue] hold = yes``.  Each relay row
+is a fresh process, whose queue store logs at shutdown how many changes each
+batch of fsyncs carried (group commit) and what durability cost per change;
+the 1-session row shows that cost at no concurrency, beside 20 sessions.
 
     .venv/bin/python bench/acceptance.py [--messages 2000] [--sessions 20] [--size 2048]
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -44,6 +48,9 @@ plugin = maildir
 
 [routes]
 localhost = local
+
+[queue]
+hold = yes
 """
 
 
@@ -86,43 +93,56 @@ def smtpSource(port: int, messages: int, sessions: int, size: int, reuse: bool) 
     return time.monotonic() - started
 
 
+STORE_LINE = re.compile(r"queue store: (\d+) changes in (\d+) batches \(([\d.]+) per batch\), ([\d.]+) ms")
+
+
+def relayRow(work: Path, messages: int, sessions: int, size: int, reuse: bool) -> tuple[float, str, str]:
+    """One fresh relay process, one smtp-source run: seconds, changes per batch, ms of syncing per change."""
+    state = work / f"var-{sessions}-{int(reuse)}"
+    port = freePort()
+    config = work / "relay.ini"
+    log = work / f"relay-{sessions}-{int(reuse)}.log"
+    config.write_text(CONFIG.format(state=state, port=port))
+    relay = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "--logfile", str(log), "relay", "--config", str(config)],
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        waitListening(port)
+        seconds = smtpSource(port, messages, sessions, size, reuse)
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        try:
+            relay.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            relay.kill()
+            relay.wait(timeout=10)
+    queued = sum(1 for name in os.listdir(state / "queue" / "messages") if name.endswith(".json"))
+    if queued != messages:
+        raise SystemExit(f"relay queued {queued} of {messages} messages; see {log}")
+    found = STORE_LINE.search(log.read_text())
+    perBatch, perChange = (found.group(3), found.group(4)) if found else ("?", "?")
+    shutil.rmtree(state, ignore_errors=True)
+    return seconds, perBatch, perChange
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=2048)
     args = parser.parse_args()
-    rows: list[tuple[str, str, float]] = []
+    rows: list[tuple[str, str, int, float, str, str]] = []
     work = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     os.chmod(work, 0o755)
-    relayPort, postfixPort = freePort(), freePort()
-    (work / "relay.ini").write_text(CONFIG.format(state=work / "var", port=relayPort))
-    relay = subprocess.Popen(
-        [
-            TWISTD,
-            "-n",
-            "--pidfile=",
-            "--logfile",
-            str(work / "relay.log"),
-            "relay",
-            "--config",
-            str(work / "relay.ini"),
-        ],
-        cwd=work,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     postfix = work / "postfix"
     try:
-        waitListening(relayPort)
-        for reuse in (False, True):
-            rows.append(
-                (
-                    "relay",
-                    "-d" if reuse else "new conn",
-                    smtpSource(relayPort, args.messages, args.sessions, args.size, reuse),
-                )
-            )
+        for sessions, reuse in ((1, False), (args.sessions, False), (args.sessions, True)):
+            seconds, perBatch, perChange = relayRow(work, args.messages, sessions, args.size, reuse)
+            rows.append(("relay (hold)", "-d" if reuse else "new conn", sessions, seconds, perBatch, perChange))
+        postfixPort = freePort()
         subprocess.run(
             [str(POSTFIX_PEER), "start", str(postfix), str(postfixPort), str(freePort())],
             check=True,
@@ -132,32 +152,25 @@ def main() -> int:
         subprocess.run([str(POSTFIX_PEER), "hold", str(postfix)], check=True, timeout=60, capture_output=True)
         time.sleep(1)
         for reuse in (False, True):
-            rows.append(
-                (
-                    "postfix (hold)",
-                    "-d" if reuse else "new conn",
-                    smtpSource(postfixPort, args.messages, args.sessions, args.size, reuse),
-                )
-            )
+            seconds = smtpSource(postfixPort, args.messages, args.sessions, args.size, reuse)
+            rows.append(("postfix (hold)", "-d" if reuse else "new conn", args.sessions, seconds, "", ""))
     finally:
-        relay.send_signal(signal.SIGTERM)
-        try:
-            relay.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            relay.kill()
-            relay.wait(timeout=10)
         if postfix.exists():
             subprocess.run([str(POSTFIX_PEER), "stop", str(postfix)], timeout=60, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
-    print(f"durable acceptance: {args.messages} messages of {args.size} bytes, {args.sessions} sessions (smtp-source)")
-    print(f"{'server':<16} {'mode':<10} {'seconds':>8} {'msg/s':>8}")
+    print(f"durable acceptance: {args.messages} messages of {args.size} bytes (smtp-source), fsync before 250")
+    header = ("server", "mode", "sessions", "seconds", "msg/s", "per batch", "sync ms/change")
+    print("{:<16} {:<9} {:>8} {:>8} {:>7} {:>10} {:>15}".format(*header))
     rates = {}
-    for server, mode, seconds in rows:
-        rates[(server, mode)] = args.messages / seconds
-        print(f"{server:<16} {mode:<10} {seconds:>8.2f} {args.messages / seconds:>8.0f}")
+    for server, mode, sessions, seconds, perBatch, perChange in rows:
+        rates[(server, mode, sessions)] = args.messages / seconds
+        print(
+            f"{server:<16} {mode:<9} {sessions:>8} {seconds:>8.2f} {args.messages / seconds:>7.0f}"
+            f" {perBatch:>10} {perChange:>15}"
+        )
     for mode in ("new conn", "-d"):
-        ratio = rates[("relay", mode)] / rates[("postfix (hold)", mode)]
-        print(f"relay / postfix ({mode}): {ratio:.2f}x   (target: 1.5x)")
+        ratio = rates[("relay (hold)", mode, args.sessions)] / rates[("postfix (hold)", mode, args.sessions)]
+        print(f"relay / postfix ({mode}, {args.sessions} sessions): {ratio:.2f}x   (target: 1.5x)")
     return 0
 
 

@@ -61,7 +61,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "metrics": ("endpoint",),
 }
 _OPEN = ("validator", "delivery", "queue", "routes")
-_QUEUE_KEYS = ("store", "path", "retry", "max_age", "warn_after")
+_QUEUE_KEYS = ("store", "path", "retry", "max_age", "warn_after", "hold", "concurrency", "destination_concurrency")
 _NAMED = ("listener", "validator", "delivery")
 _KNOWN = "relay, listener:NAME, tls, auth, policy, validator:NAME, queue, delivery:NAME, routes, control, metrics"
 
@@ -160,6 +160,9 @@ class QueueSettings:
     max_age: float
     warn_after: float
     options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    hold: bool = False
+    concurrency: int = 100
+    destination_concurrency: int = 20
 
 
 @dataclass(frozen=True)
@@ -507,6 +510,11 @@ def load(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = Non
         retry=retry,
         max_age=r.convert("queue", "max_age", "5d", _positive(parse_duration, "max_age")),
         warn_after=r.convert("queue", "warn_after", "4h", parse_duration),
+        hold=r.convert("queue", "hold", "no", _boolean),
+        concurrency=r.convert("queue", "concurrency", "100", _positive(_count, "concurrency")),
+        destination_concurrency=r.convert(
+            "queue", "destination_concurrency", "20", _positive(_count, "destination_concurrency")
+        ),
         options=MappingProxyType({k: v for k, v in queueValues.items() if k not in _QUEUE_KEYS}),
     )
 

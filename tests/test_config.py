@@ -91,6 +91,8 @@ def test_minimal_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert q.retry == (60, 300, 900, 1800, 3600, 7200, 14400)
     assert q.max_age == 5 * 86400
     assert q.warn_after == 4 * 3600
+    assert q.hold is False
+    assert (q.concurrency, q.destination_concurrency) == (100, 20)
     assert dict(q.options) == {}
     assert dict(s.deliveries) == {"local": PluginSection("delivery:local", "local", "maildir", MappingProxyType({}))}
     assert s.routes == (("localhost", "local"),)
@@ -160,6 +162,9 @@ def test_full_file(files: Path) -> None:
         retry = 30 2m 1.5h
         max_age = 2d
         warn_after = 0
+        hold = yes
+        concurrency = 7
+        destination_concurrency = 3
         fsync = no
 
         [delivery:local]
@@ -221,6 +226,7 @@ def test_full_file(files: Path) -> None:
     assert s.queue.retry == (30, 120, 5400)
     assert s.queue.max_age == 2 * 86400
     assert s.queue.warn_after == 0
+    assert (s.queue.hold, s.queue.concurrency, s.queue.destination_concurrency) == (True, 7, 3)
     assert dict(s.queue.options) == {"fsync": "no"}
     assert isinstance(s.queue.options, MappingProxyType)
     assert list(s.deliveries) == ["local", "internet"]
@@ -540,6 +546,9 @@ def test_error_message_format(tmp_path: Path) -> None:
         ("[queue]\nmax_age = 0\n", "queue", "max_age", "more than zero"),
         ("[queue]\nmax_age = 5 days\n", "queue", "max_age", "bad duration"),
         ("[queue]\nwarn_after = -1h\n", "queue", "warn_after", "bad duration"),
+        ("[queue]\nhold = perhaps\n", "queue", "hold", "bad boolean"),
+        ("[queue]\nconcurrency = 0\n", "queue", "concurrency", "more than zero"),
+        ("[queue]\ndestination_concurrency = many\n", "queue", "destination_concurrency", "bad number"),
         # routes
         ("[delivery:mx]\nplugin = mx\n[routes]\n", "routes", None, "duplicate section"),
         ("[control]\nendpoint = tcp:notaport\n", "control", "endpoint", "bad endpoint"),

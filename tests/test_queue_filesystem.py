@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,16 +16,26 @@ from twisted.internet.task import Clock
 from relay.envelope import Envelope, Recipient, RecipientState, Status
 from relay.plugin import runInline
 from relay.queue import filesystem
-from relay.queue.filesystem import QUEUE_ID, FilesystemQueueStore
+from relay.queue.filesystem import QUEUE_ID, SYNC_MODES, FilesystemQueueStore
 
 DATA = b"Received: from x\r\n\tby y; now\r\nSubject: hi\r\n\r\nbody \xff\xfe\r\n.dot\r\n"
+
+
+SYNC = "fsync"
+
+
+@pytest.fixture(autouse=True, params=SYNC_MODES)
+def sync(request, monkeypatch):
+    """Every test runs with each way of making a batch durable."""
+    monkeypatch.setattr(sys.modules[__name__], "SYNC", request.param)
+    return request.param
 
 
 def makeStore(path: Path, clock: Clock | None = None) -> FilesystemQueueStore:
     if clock is None:
         clock = Clock()
         clock.advance(1_700_000_000.25)
-    return FilesystemQueueStore(path, runInline, clock)
+    return FilesystemQueueStore(path, runInline, clock, SYNC)
 
 
 def envelopeFor(queueID: str) -> Envelope:
@@ -108,7 +119,7 @@ def test_update_snapshots_the_envelope(tmp_path):
         pending.append((d, f, args))
         return d
 
-    store = FilesystemQueueStore(tmp_path, runInline, Clock())
+    store = FilesystemQueueStore(tmp_path, runInline, Clock(), SYNC)
     envelope = queueOne(store)
     store._blocking = deferred
     envelope.recipients[0].attempts = 7
@@ -245,15 +256,28 @@ def test_commit_failure_when_messages_is_not_a_directory(tmp_path):
     assert files(tmp_path) == []
 
 
-def test_commit_failure_at_directory_sync_removes_committed_files(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", [1, 2])
+def test_commit_failure_at_sync_removes_committed_files(tmp_path, monkeypatch, sync, failing):
+    """
+    The first or the second sync of a batch fails (fsync of a file or of the
+    directory; the first or second syncfs): nothing is kept, the commit fails.
+    """
     store = makeStore(tmp_path)
     incoming = store.begin()
     incoming.write(DATA)
+    calls = []
+    name = "syncFilesystem" if sync == "syncfs" else "fsyncDirectory"
+    if sync == "fsync" and failing == 1:
+        name = "_fsyncFile"
+    real = getattr(filesystem, name)
 
-    def failingSync(path):
-        raise OSError(errno.EIO, "Input/output error")
+    def failingSync(arg):
+        calls.append(arg)
+        if sync == "fsync" or len(calls) == failing:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(arg)
 
-    monkeypatch.setattr(filesystem, "fsyncDirectory", failingSync)
+    monkeypatch.setattr(filesystem, name, failingSync)
     with pytest.raises(OSError) as info:
         result(incoming.commit(envelopeFor(incoming.queue_id)))
     assert info.value.errno == errno.EIO
@@ -349,9 +373,10 @@ def test_group_commit_shares_directory_syncs(tmp_path, monkeypatch):
         return d
 
     syncs = []
-    real = filesystem.fsyncDirectory
-    monkeypatch.setattr(filesystem, "fsyncDirectory", lambda path: (syncs.append(path), real(path)))
-    store = FilesystemQueueStore(tmp_path, deferred, Clock())
+    name = "syncFilesystem" if SYNC == "syncfs" else "fsyncDirectory"
+    real = getattr(filesystem, name)
+    monkeypatch.setattr(filesystem, name, lambda path: (syncs.append(path), real(path)))
+    store = FilesystemQueueStore(tmp_path, deferred, Clock(), SYNC)
     commits = []
     for _ in range(5):
         incoming = store.begin()
@@ -365,9 +390,9 @@ def test_group_commit_shares_directory_syncs(tmp_path, monkeypatch):
 
     runAll()
     assert [result(d) for d in commits] == [None] * 5
-    # The first commit's sync started alone; the four that finished their
-    # renames while it ran shared the second.
-    assert len(syncs) == 2
+    # The first commit's batch ran alone; the four that arrived while it ran
+    # shared the second: one directory sync each, or two file system syncs each.
+    assert len(syncs) == (4 if SYNC == "syncfs" else 2)
     assert len(result(makeStore(tmp_path).recover())) == 5
 
 
@@ -385,12 +410,26 @@ def test_plugin_builds_store(tmp_path):
 
     factory = find("filesystem", IQueueStoreFactory)
     assert factory.name == "filesystem"
-    assert set(factory.keys) == {"path"}
+    assert set(factory.keys) == {"path", "sync"}
     context = PluginContext(reactor=Clock(), hostname="h.example", postmaster="pm@h.example", state_dir=tmp_path)
-    store = factory.build({"path": str(tmp_path / "queue")}, context)
+    store = factory.build({"path": str(tmp_path / "queue"), "sync": SYNC}, context)
     assert IQueueStore.providedBy(store)
+    assert store.sync == SYNC
     envelope = queueOne(store)
     assert result(store.recover()) == [envelope]
+    assert factory.build({"path": str(tmp_path / "other")}, context).sync == SYNC_MODES[0]
+
+
+def test_plugin_refuses_unknown_sync(tmp_path):
+    from relay.errors import OptionError
+    from relay.interfaces import IQueueStoreFactory
+    from relay.plugin import PluginContext, find
+
+    context = PluginContext(reactor=Clock(), hostname="h.example", postmaster="pm@h.example", state_dir=tmp_path)
+    with pytest.raises(OptionError) as info:
+        find("filesystem", IQueueStoreFactory).build({"path": str(tmp_path), "sync": "never"}, context)
+    assert info.value.key == "sync"
+    assert "'never'" in info.value.message
 
 
 def test_plugin_refuses_unusable_path(tmp_path):
@@ -403,3 +442,85 @@ def test_plugin_refuses_unusable_path(tmp_path):
     with pytest.raises(OptionError) as info:
         find("filesystem", IQueueStoreFactory).build({"path": str(tmp_path / "file" / "queue")}, context)
     assert info.value.key == "path"
+
+
+def test_small_message_touches_no_file_before_commit(tmp_path):
+    """The reactor thread never creates a file for a message that fits the buffer."""
+    store = makeStore(tmp_path)
+    incoming = store.begin()
+    incoming.write(b"x" * (filesystem.SPILL - 1))
+    assert files(tmp_path) == []
+    result(incoming.commit(envelopeFor(incoming.queue_id)))
+    assert files(tmp_path) == [f"messages/{incoming.queue_id}", f"messages/{incoming.queue_id}.json"]
+
+
+def test_large_message_spills_to_incoming_then_commits(tmp_path):
+    store = makeStore(tmp_path)
+    incoming = store.begin()
+    chunks = [bytes([65 + i % 26]) * 10_000 for i in range(70)]  # 700 kB, more than two spills
+    for chunk in chunks:
+        incoming.write(chunk)
+    assert files(tmp_path) == [f"incoming/{incoming.queue_id}"]
+    envelope = envelopeFor(incoming.queue_id)
+    result(incoming.commit(envelope))
+    store = makeStore(tmp_path)
+    assert result(store.recover()) == [envelope]
+    with store.openData(envelope.queue_id) as f:
+        assert f.read() == b"".join(chunks)
+
+
+def test_abort_after_spill_removes_the_file(tmp_path):
+    store = makeStore(tmp_path)
+    incoming = store.begin()
+    incoming.write(b"x" * (filesystem.SPILL + 1))
+    assert files(tmp_path) == [f"incoming/{incoming.queue_id}"]
+    incoming.abort()
+    assert files(tmp_path) == []
+
+
+def test_spills_in_a_worker_keep_order_and_report_errors_late(tmp_path, monkeypatch):
+    """
+    With a real worker, spills run after write() returns, one after another;
+    an error in one is raised by the next write(), and fails commit.
+    """
+    pending: list[tuple] = []
+
+    def deferred(f, *args):
+        d = Deferred()
+        pending.append((d, f, args))
+        return d
+
+    def runAll():
+        while pending:
+            waiting, f, args = pending.pop(0)
+            try:
+                outcome = f(*args)
+            except Exception:
+                waiting.errback()
+            else:
+                waiting.callback(outcome)
+
+    store = FilesystemQueueStore(tmp_path, deferred, Clock(), SYNC)
+    incoming = store.begin()
+    first, second = b"1" * filesystem.SPILL, b"2" * filesystem.SPILL
+    incoming.write(first)
+    incoming.write(second)
+    assert len(pending) == 1  # the second spill waits for the first
+    d = incoming.commit(envelopeFor(incoming.queue_id))
+    runAll()
+    assert result(d) is None
+    with store.openData(incoming.queue_id) as f:
+        assert f.read() == first + second
+
+    broken = _devFullIncoming(store, monkeypatch, tmp_path)
+    broken.write(b"x" * filesystem.SPILL)  # handed to the worker, not yet written
+    runAll()
+    with pytest.raises(OSError) as info:
+        broken.write(b"more")
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):
+        d = broken.commit(envelopeFor(broken.queue_id))
+        runAll()
+        result(d)
+    assert not (tmp_path / "incoming" / broken.queue_id).exists()
+    assert os.path.exists("/dev/full")

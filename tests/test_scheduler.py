@@ -41,14 +41,22 @@ class ScriptedBackend:
         pass
 
 
-def setup(answers, retry=(60.0, 300.0), maxAge=3600.0, concurrency=20):
+def setup(answers, retry=(60.0, 300.0), maxAge=3600.0, concurrency=20, destinationConcurrency=20):
     clock = Clock()
     clock.advance(1000)
     store = MemoryQueueStore()
     backend = ScriptedBackend(answers)
     router = Router(lambda domain: "local" if domain != "unrouted.example" else None, {"local": backend})
     scheduler = Scheduler(
-        store, router, clock, retry, maxAge, concurrency=concurrency, jitter=0.0, rng=random.Random(1)
+        store,
+        router,
+        clock,
+        retry,
+        maxAge,
+        concurrency=concurrency,
+        destinationConcurrency=destinationConcurrency,
+        jitter=0.0,
+        rng=random.Random(1),
     )
     return clock, store, backend, scheduler
 
@@ -158,6 +166,43 @@ def test_concurrency_limit():
     assert store.messages == {}
 
 
+def test_destination_concurrency_limit():
+    """A busy destination waits for its own slots; other destinations go on."""
+    answers = {f"r{i}@x.example": [OK] for i in range(5)}
+    answers.update({f"r{i}@y.example": [OK] for i in range(2)})
+    clock, store, backend, scheduler = setup(answers, destinationConcurrency=2)
+    backend.hold = Deferred()
+    for address in answers:
+        scheduler.enqueue(queue(store, clock, address))
+    clock.advance(0)
+    assert sorted(c[1][0].split("@")[1] for c in backend.calls) == ["x.example"] * 2 + ["y.example"] * 2
+    assert scheduler.busy() == {("local", "x.example"): 2, ("local", "y.example"): 2}
+    held, backend.hold = backend.hold, None
+    held.callback(None)
+    clock.advance(0)
+    assert len(backend.calls) == 7
+    assert store.messages == {}
+    assert scheduler.busy() == {}
+
+
+def test_message_for_two_destinations_waits_for_the_full_one():
+    clock, store, backend, scheduler = setup(
+        {"a@x.example": [OK, OK], "b@y.example": [OK], "c@x.example": [OK]}, destinationConcurrency=1
+    )
+    backend.hold = Deferred()
+    first = queue(store, clock, "a@x.example")
+    both = queue(store, clock, "b@y.example", "c@x.example")
+    scheduler.enqueue(first)
+    scheduler.enqueue(both)
+    clock.advance(0)
+    assert [c[0] for c in backend.calls] == [first.queue_id]
+    held, backend.hold = backend.hold, None
+    held.callback(None)
+    clock.advance(0)
+    assert [c[0] for c in backend.calls] == [first.queue_id, both.queue_id]
+    assert store.messages == {}
+
+
 def test_recovered_messages_due_now_and_done_ones_removed():
     clock, store, backend, scheduler = setup({"a@x.example": [OK]})
     pending = queue(store, clock, "a@x.example")
@@ -242,3 +287,14 @@ def test_one_delay_warning_after_warn_after():
         clock.advance(600)
     assert reportsSent(backend) == [(["s@example.org"], ["delayed"])]
     assert any(e.extra.get("delay_warned") for e, _ in store.messages.values())
+
+
+def test_hold_keeps_everything_queued():
+    clock, store, backend, scheduler = setup({"a@x.example": [OK]})
+    scheduler.hold = True
+    envelope = queue(store, clock, "a@x.example")
+    scheduler.enqueue(envelope)
+    clock.advance(86400)
+    assert backend.calls == []
+    assert list(store.messages) == [envelope.queue_id]
+    assert scheduler.queued() == 1

@@ -22,14 +22,20 @@ from relay.interfaces import IQueueStoreFactory
 class FilesystemQueueStoreFactory:
     name = "filesystem"
     description = "Durable queue in a directory: one data file and one JSON envelope per message"
-    keys = {"path": "queue directory (relative paths are under state_dir)"}
+    keys = {
+        "path": "queue directory (relative paths are under state_dir)",
+        "sync": "syncfs (Linux: one file system sync per batch, the default) or fsync (every file, then the directory)",
+    }
 
     def build(self, options: Mapping[str, Any], context: Any) -> Any:
-        from relay.queue.filesystem import FilesystemQueueStore
+        from relay.queue.filesystem import SYNC_MODES, FilesystemQueueStore
 
         path = Path(options["path"])
+        sync = options.get("sync", SYNC_MODES[0]).strip()
+        if sync not in SYNC_MODES:
+            raise OptionError("sync", f"must be one of {', '.join(SYNC_MODES)} on this system, not {sync!r}")
         try:
-            return FilesystemQueueStore(path, context.blocking, context.reactor)
+            return FilesystemQueueStore(path, context.dedicated("queue"), context.reactor, sync)
         except OSError as e:
             # Found at start-up, not at the first message.
             raise OptionError("path", f"cannot use queue directory {str(path)!r}: {e.strerror or e}") from None

@@ -5,6 +5,12 @@ Due times live in a heap in memory; the queue store is read only at start-up
 (L{IQueueStore.recover}) and written after each attempt.  One timer is armed
 for the earliest due time.  A recipient that was delivered is never attempted
 again, because its state is stored before the message is scheduled again.
+
+Two limits bound the work in flight: C{concurrency} attempts in all, and
+C{destinationConcurrency} attempts per destination (a delivery backend and a
+recipient domain: one smart host, one MX domain, one maildir domain), so one
+slow or huge destination cannot take every slot.  A message whose destination
+is full waits, out of the heap, until an attempt there finishes.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,12 +45,14 @@ class Scheduler(Service):
         clock: Any,
         retry: Sequence[float],
         maxAge: float,
-        concurrency: int = 20,
+        concurrency: int = 100,
         attemptTimeout: float = 600.0,
         jitter: float = 0.1,
         rng: random.Random | None = None,
         reportingMTA: str | None = None,
         warnAfter: float = 0.0,
+        hold: bool = False,
+        destinationConcurrency: int = 20,
     ) -> None:
         self.store = store
         self.router = router
@@ -56,6 +65,11 @@ class Scheduler(Service):
         self._rng = rng or random.Random()
         self.reportingMTA = reportingMTA  # None: send no DSNs (tests of delivery alone)
         self.warnAfter = warnAfter
+        self.hold = hold  # keep everything queued, attempt nothing
+        self.destinationConcurrency = destinationConcurrency
+        self._busy: Counter[tuple[str, str]] = Counter()
+        self._holding: dict[str, set[tuple[str, str]]] = {}
+        self._parked: dict[tuple[str, str], list[str]] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._envelopes: dict[str, Envelope] = {}
@@ -82,9 +96,15 @@ class Scheduler(Service):
                 self.store.remove(envelope.queue_id)
         if envelopes:
             self.log.info("recovered {count} queued messages", count=len(envelopes))
+        if self.hold:
+            self.log.warn("[queue] hold = yes: messages are accepted and queued, none is delivered")
 
     def queued(self) -> int:
         return len(self._envelopes)
+
+    def busy(self) -> dict[tuple[str, str], int]:
+        """Attempts in flight per destination (backend name, domain)."""
+        return dict(self._busy)
 
     # -- timer -----------------------------------------------------------
 
@@ -93,7 +113,7 @@ class Scheduler(Service):
         self._arm()
 
     def _arm(self) -> None:
-        if self._stopping or not self._heap or self._running >= self.concurrency:
+        if self.hold or self._stopping or not self._heap or self._running >= self.concurrency:
             return
         delay = max(0.0, self._heap[0][0] - self.clock.seconds())
         if self._timer is not None and self._timer.active():
@@ -110,6 +130,13 @@ class Scheduler(Service):
             envelope = self._envelopes.get(queueID)
             if envelope is None or queueID in self._active:
                 continue
+            destinations = self._destinations(envelope)
+            full = [d for d in destinations if self._busy[d] >= self.destinationConcurrency]
+            if full:
+                self._parked.setdefault(full[0], []).append(queueID)
+                continue
+            self._busy.update(destinations)
+            self._holding[queueID] = destinations
             self._running += 1
             self._active.add(queueID)
             d = Deferred.fromCoroutine(self._attempt(envelope))
@@ -117,9 +144,23 @@ class Scheduler(Service):
             d.addBoth(self._finished, queueID)
         self._arm()
 
+    def _destinations(self, envelope: Envelope) -> set[tuple[str, str]]:
+        return {
+            (self.router.backendName(r.address) or "", r.address.rpartition("@")[2].lower()) for r in envelope.pending()
+        }
+
     def _finished(self, _: object, queueID: str) -> None:
         self._running -= 1
         self._active.discard(queueID)
+        now = self.clock.seconds()
+        for destination in self._holding.pop(queueID, ()):
+            self._busy[destination] -= 1
+            if not self._busy[destination]:
+                del self._busy[destination]
+            # Whoever waited for this destination is due again; if another
+            # destination of theirs is still full, they park there instead.
+            for waiting in self._parked.pop(destination, ()):
+                heapq.heappush(self._heap, (now, next(self._seq), waiting))
         if self._running == 0:
             idle, self._idle = self._idle, []
             for d in idle:
