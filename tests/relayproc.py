@@ -68,6 +68,7 @@ relay_networks = 127.0.0.0/8
 
 [queue]
 retry = {retry}
+{queue}
 
 [delivery:local]
 plugin = maildir
@@ -81,13 +82,15 @@ example.test = local
 class Relay:
     """One twistd process running relay in its own directory."""
 
-    def __init__(self, workdir: Path, config: str | None = None, port: int | None = None, retry: str = "1m") -> None:
+    def __init__(
+        self, workdir: Path, config: str | None = None, port: int | None = None, retry: str = "1m", queue: str = ""
+    ) -> None:
         self.workdir = workdir
         self.port = port or freePort()
         self.state = workdir / "var"
         self.config = workdir / "relay.ini"
         if config is None:
-            config = MINIMAL.format(state=self.state, port=self.port, retry=retry)
+            config = MINIMAL.format(state=self.state, port=self.port, retry=retry, queue=queue)
         self.config.write_text(config)
         self.log = workdir / "twistd.log"
         self.proc: subprocess.Popen | None = None

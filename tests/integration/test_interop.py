@@ -27,7 +27,7 @@ def tlsRelay(tmp_path: Path) -> tuple[Relay, Path]:
     pki = PKI(tmp_path)
     cert, key = pki.issue("relay.test", "localhost")
     port = freePort()
-    config = MINIMAL.format(state=tmp_path / "var", port=port, retry="1m").replace(
+    config = MINIMAL.format(state=tmp_path / "var", port=port, retry="1m", queue="").replace(
         f"endpoint = tcp:{port}:interface=127.0.0.1\n",
         f"endpoint = tcp:{port}:interface=127.0.0.1\ntls = starttls\n\n"
         f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n",

@@ -181,7 +181,7 @@ def test_port_is_free_after_stop(relay):
 def test_configured_validators_decide_recipients(tmp_path):
     from relayproc import MINIMAL
 
-    config = MINIMAL.format(state=tmp_path / "var", port=freePort(), retry="1m")
+    config = MINIMAL.format(state=tmp_path / "var", port=freePort(), retry="1m", queue="")
     config = config.replace(
         "relay_networks = 127.0.0.0/8\n",
         "relay_networks = 127.0.0.0/8\nvalidators = blocked users\n\n"
