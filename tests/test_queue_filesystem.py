@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 
 from relay.envelope import Envelope, Recipient, RecipientState, Status
 from relay.plugin import runInline
-from relay.queue import filesystem
+from relay.queue import filesystem, fsworker
 from relay.queue.filesystem import QUEUE_ID, SYNC_MODES, FilesystemQueueStore
 
 DATA = b"Received: from x\r\n\tby y; now\r\nSubject: hi\r\n\r\nbody \xff\xfe\r\n.dot\r\n"
@@ -268,8 +268,8 @@ def test_commit_failure_at_sync_removes_committed_files(tmp_path, monkeypatch, s
     calls = []
     name = "syncFilesystem" if sync == "syncfs" else "fsyncDirectory"
     if sync == "fsync" and failing == 1:
-        name = "_fsyncFile"
-    real = getattr(filesystem, name)
+        name = "fsyncFile"
+    real = getattr(fsworker, name)
 
     def failingSync(arg):
         calls.append(arg)
@@ -277,7 +277,7 @@ def test_commit_failure_at_sync_removes_committed_files(tmp_path, monkeypatch, s
             raise OSError(errno.EIO, "Input/output error")
         return real(arg)
 
-    monkeypatch.setattr(filesystem, name, failingSync)
+    monkeypatch.setattr(fsworker, name, failingSync)
     with pytest.raises(OSError) as info:
         result(incoming.commit(envelopeFor(incoming.queue_id)))
     assert info.value.errno == errno.EIO
@@ -374,8 +374,8 @@ def test_group_commit_shares_directory_syncs(tmp_path, monkeypatch):
 
     syncs = []
     name = "syncFilesystem" if SYNC == "syncfs" else "fsyncDirectory"
-    real = getattr(filesystem, name)
-    monkeypatch.setattr(filesystem, name, lambda path: (syncs.append(path), real(path)))
+    real = getattr(fsworker, name)
+    monkeypatch.setattr(fsworker, name, lambda path: (syncs.append(path), real(path)))
     store = FilesystemQueueStore(tmp_path, deferred, Clock(), SYNC)
     commits = []
     for _ in range(5):
@@ -416,7 +416,7 @@ def test_plugin_builds_store(tmp_path):
     assert IQueueStore.providedBy(store)
     assert store.sync == SYNC
     envelope = queueOne(store)
-    assert result(store.recover()) == [envelope]
+    assert result(makeStore(tmp_path / "queue").recover()) == [envelope]
     assert factory.build({"path": str(tmp_path / "other")}, context).sync == SYNC_MODES[0]
 
 
@@ -524,3 +524,28 @@ def test_spills_in_a_worker_keep_order_and_report_errors_late(tmp_path, monkeypa
         result(d)
     assert not (tmp_path / "incoming" / broken.queue_id).exists()
     assert os.path.exists("/dev/full")
+
+
+def test_recovery_leaves_this_process_messages_alone(tmp_path):
+    """Listeners accept while recovery runs: what this store began is not a leftover."""
+    old = queueOne(makeStore(tmp_path))
+    (tmp_path / "incoming" / "0000000000000leftover").write_bytes(b"x")
+    store = makeStore(tmp_path)
+    committed = queueOne(store)
+    halfway = store.begin()
+    halfway.write(b"y" * (filesystem.SPILL + 1))  # spilled into incoming/
+    (tmp_path / "messages" / f"{committed.queue_id}.json.new").write_text("{")  # an update in flight
+    assert result(store.recover()) == [old]
+    assert sorted(files(tmp_path)) == sorted(
+        [
+            f"incoming/{halfway.queue_id}",
+            f"messages/{old.queue_id}",
+            f"messages/{old.queue_id}.json",
+            f"messages/{committed.queue_id}",
+            f"messages/{committed.queue_id}.json",
+            f"messages/{committed.queue_id}.json.new",
+        ]
+    )
+    result(halfway.commit(envelopeFor(halfway.queue_id)))
+    assert result(store.remove(committed.queue_id)) is None
+    assert sorted(e.queue_id for e in result(makeStore(tmp_path).recover())) == sorted([old.queue_id, halfway.queue_id])

@@ -28,14 +28,20 @@ class FilesystemQueueStoreFactory:
     }
 
     def build(self, options: Mapping[str, Any], context: Any) -> Any:
-        from relay.queue.filesystem import SYNC_MODES, FilesystemQueueStore
+        from twisted.internet.interfaces import IReactorProcess
+
+        from relay.queue.filesystem import SYNC_MODES, FilesystemQueueStore, ProcessEngine
 
         path = Path(options["path"])
         sync = options.get("sync", SYNC_MODES[0]).strip()
         if sync not in SYNC_MODES:
             raise OptionError("sync", f"must be one of {', '.join(SYNC_MODES)} on this system, not {sync!r}")
         try:
-            return FilesystemQueueStore(path, context.dedicated("queue"), context.reactor, sync)
+            store = FilesystemQueueStore(path, context.blocking, context.reactor, sync)
+            if IReactorProcess.providedBy(context.reactor):
+                # A child process of its own: its system calls never wait for our GIL.
+                store.engine = ProcessEngine(context.reactor, store.path, sync)
+            return store
         except OSError as e:
             # Found at start-up, not at the first message.
             raise OptionError("path", f"cannot use queue directory {str(path)!r}: {e.strerror or e}") from None

@@ -11,235 +11,83 @@ Layout under the store's directory::
 A message is renamed into C{messages/} data first, envelope second, so a crash
 can leave data without an envelope (discarded at recovery: the client was never
 told 250) but never an envelope that was acknowledged without its data.  Every
-file is fsynced before it is renamed, and C{messages/} is fsynced after.
+file is durable before it is renamed, and the renames are durable before the
+250 goes out.
 
-Group commit: all file work runs in one worker thread (C{blocking}, the
-store's own thread in production), one batch at a time.  Commits, updates and
-removals that arrive while a batch runs form the next one; the whole batch is
-written, then synced, then renamed, then C{messages/} is synced once, and only
-then do all its 250s go out.  The busier the relay, the larger the batches and
-the less each message pays for durability; the reactor never waits on the disk.
+Group commit: the file work is done by L{relay.queue.fsworker}, in a child
+process in production (L{ProcessEngine}), one batch at a time.  Commits,
+updates and removals that arrive while a batch runs form the next one, so the
+busier the relay, the larger the batches and the less each message pays for
+durability.  The reactor thread never creates, writes or syncs a queue file:
+message data is buffered in memory and only past L{SPILL} bytes appended to
+its incoming file, by the worker.
 """
 
 from __future__ import annotations
 
-import ctypes
+import errno
+import itertools
 import json
 import os
 import random
 import re
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.envelope import Envelope
-from relay.fsutil import fsyncDirectory
 from relay.interfaces import IIncomingMessage, IQueueStore
+from relay.queue import fsworker
+from relay.queue.fsworker import APPEND, COMMIT, DISCARD, REMOVE, SYNC_MODES, UPDATE, QueueFiles, Request
+
+__all__ = ["SYNC_MODES", "FilesystemQueueStore", "ProcessEngine", "ThreadEngine", "QUEUE_ID", "SPILL"]
 
 QUEUE_ID = re.compile(r"^[0-9A-Za-z]+$")
-
-_OPEN, _COMMITTING, _COMMITTED, _FAILED, _ABORTED = range(5)
-
 
 SPILL = 256 * 1024
 """Bytes of a message held in memory before they are appended to its incoming
 file; most messages are smaller and never touch the disk before commit."""
 
-
-def _create(path: Path) -> int:
-    """A new private file: queued mail is nobody else's business."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-
-
-def _writeAll(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsyncFile(fd: int) -> None:
-    os.fsync(fd)
-
-
-def _closeFd(fd: int | None) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _syncfsFunction() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syncfs  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-_syncfs = _syncfsFunction()
-SYNC_MODES = ("syncfs", "fsync") if _syncfs is not None else ("fsync",)
-
-
-def syncFilesystem(path: Path) -> None:
-    """
-    Make everything written to the file system that holds C{path} durable:
-    data, inodes and directory entries alike (Linux C{syncfs(2)}, which
-    reports write-back errors since Linux 5.8).
-    """
-    assert _syncfs is not None
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _syncfs(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code), str(path))
-    finally:
-        os.close(fd)
-
-
-def _unlinkQuietly(path: Path) -> bool:
-    """Remove C{path} if it is there; C{True} if something was removed."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
+_OPEN, _COMMITTING, _COMMITTED, _FAILED, _ABORTED = range(5)
 
 
 def _encode(envelope: Envelope) -> bytes:
     # Serialised in the caller's thread: the scheduler keeps mutating the
-    # envelope after update() returns, the worker thread must see a snapshot.
+    # envelope after update() returns, the worker must see a snapshot.
     return json.dumps(envelope.toJSON(), ensure_ascii=False, separators=(",", ":")).encode()
 
 
-class _Operation:
+def _error(error: fsworker.Error) -> OSError:
+    code, text = error
+    return OSError(code or errno.EIO, text)
+
+
+class ThreadEngine:
     """
-    One change to C{messages/}, done in three stages so that a batch of them
-    shares the expensive part: every operation of a batch is written before
-    any is synced, so the first fsync commits the file system journal for all
-    of them and the later ones find little left to do; then one fsync of
-    C{messages/} covers every rename of the batch.
-    """
-
-    changed = True  # whether publish() changed messages/ (then it must be synced)
-
-    def prepare(self) -> None:
-        """Write what is new (worker thread)."""
-
-    def sync(self) -> None:
-        """fsync what prepare() wrote."""
-
-    def publish(self) -> None:
-        """Rename or unlink into place: the change becomes visible."""
-
-    def undo(self) -> None:
-        """Leave nothing half-done behind after a failure in any stage."""
-
-
-class _Commit(_Operation):
-    def __init__(self, store: FilesystemQueueStore, queueID: str, fd: int | None, tail: bytes, payload: bytes) -> None:
-        self.store = store
-        self.queueID = queueID
-        self.fd = fd
-        self.tail = tail
-        self.payload = payload
-        self.envelopeFd: int | None = None
-
-    def prepare(self) -> None:
-        incoming = self.store.incomingPath
-        if self.fd is None:
-            self.fd = _create(incoming / self.queueID)
-        _writeAll(self.fd, self.tail)
-        self.envelopeFd = _create(incoming / (self.queueID + ".json"))
-        _writeAll(self.envelopeFd, self.payload)
-
-    def sync(self) -> None:
-        assert self.fd is not None and self.envelopeFd is not None
-        _fsyncFile(self.fd)
-        _fsyncFile(self.envelopeFd)
-
-    def publish(self) -> None:
-        self._close()
-        incoming, messages = self.store.incomingPath, self.store.messagesPath
-        # Data first: an envelope in messages/ always has its data beside it.
-        os.rename(incoming / self.queueID, messages / self.queueID)
-        os.rename(incoming / (self.queueID + ".json"), messages / (self.queueID + ".json"))
-
-    def undo(self) -> None:
-        self._close()
-        self.store._discardCommit(self.queueID)
-
-    def _close(self) -> None:
-        fd, self.fd = self.fd, None
-        envelopeFd, self.envelopeFd = self.envelopeFd, None
-        _closeFd(fd)
-        _closeFd(envelopeFd)
-
-
-class _Update(_Operation):
-    def __init__(self, target: Path, payload: bytes) -> None:
-        self.target = target
-        self.temporary = target.with_name(target.name + ".new")
-        self.payload = payload
-        self.fd: int | None = None
-
-    def prepare(self) -> None:
-        self.fd = _create(self.temporary)
-        _writeAll(self.fd, self.payload)
-
-    def sync(self) -> None:
-        assert self.fd is not None
-        _fsyncFile(self.fd)
-
-    def publish(self) -> None:
-        fd, self.fd = self.fd, None
-        _closeFd(fd)
-        os.rename(self.temporary, self.target)
-
-    def undo(self) -> None:
-        fd, self.fd = self.fd, None
-        _closeFd(fd)
-        try:
-            _unlinkQuietly(self.temporary)
-        except OSError:
-            pass
-
-
-class _Remove(_Operation):
-    def __init__(self, *paths: Path) -> None:
-        self.paths = paths
-        self.changed = False
-
-    def publish(self) -> None:
-        for path in self.paths:
-            self.changed = _unlinkQuietly(path) or self.changed
-
-
-class _Batcher:
-    """
-    Group commit: one batch of operations in the worker at a time; whatever
-    arrives while it runs becomes the next batch, so the busier the relay,
-    the more messages share each round of fsyncs.
+    Runs L{QueueFiles} through C{blocking} (inline in unit tests, a thread of
+    its own otherwise), one batch at a time; what arrives meanwhile waits and
+    becomes the next batch.
     """
 
-    def __init__(self, run: Callable[[list[_Operation]], list[BaseException | None]], store: Any) -> None:
-        self._run = run
-        self._store = store
+    log = Logger()
+
+    def __init__(self, files: QueueFiles, blocking: Callable[..., Deferred[Any]]) -> None:
+        self.files = files
+        self.blocking = blocking
         self._running = False
-        self._waiting: list[tuple[_Operation, Deferred[None]]] = []
+        self._waiting: list[tuple[Request, Deferred[None]]] = []
 
-    def submit(self, operation: _Operation) -> Deferred[None]:
+    def submit(self, request: Request) -> Deferred[None]:
         d: Deferred[None] = Deferred()
-        self._waiting.append((operation, d))
+        self._waiting.append((request, d))
         if not self._running:
             self._start()
         return d
@@ -247,9 +95,9 @@ class _Batcher:
     def _start(self) -> None:
         batch, self._waiting = self._waiting, []
         self._running = True
-        self._store._blocking(self._run, [operation for operation, _ in batch]).addBoth(self._done, batch)
+        self.blocking(self.files.run, [request for request, _ in batch]).addBoth(self._done, batch)
 
-    def _done(self, outcome: Any, batch: list[tuple[_Operation, Deferred[None]]]) -> None:
+    def _done(self, outcome: Any, batch: list[tuple[Request, Deferred[None]]]) -> None:
         self._running = False
         if self._waiting:
             self._start()
@@ -259,7 +107,110 @@ class _Batcher:
             elif outcome[i] is None:
                 d.callback(None)
             else:
-                d.errback(Failure(outcome[i]))
+                d.errback(Failure(_error(outcome[i])))
+
+    def stop(self) -> None:
+        if self.files.changes:
+            self.log.info("{line}", line=self.files.statistics())
+
+
+class ProcessEngine(ProcessProtocol):
+    """
+    Runs L{QueueFiles} in a child process (C{python -m relay.queue.fsworker}),
+    talking over its stdin and stdout.
+
+    If the child dies, what it was doing fails (the clients get 451 and try
+    again; leftovers are sorted out by the next recovery) and a new one is
+    started a second later.
+    """
+
+    log = Logger()
+    restartDelay = 1.0
+    stopTimeout = 30.0
+
+    def __init__(self, reactor: Any, path: Path, sync: str) -> None:
+        self.reactor = reactor
+        self.path = path
+        self.sync = sync
+        self._ids = itertools.count(1)
+        self._pending: dict[int, Deferred[None]] = {}
+        self._outbox: list[bytes] = []
+        self._decoder = fsworker.ReplyDecoder()
+        self._stopping = False
+        self._ended: list[Deferred[None]] = []
+        self._stderr = b""
+        reactor.callWhenRunning(self._spawn)
+
+    def _spawn(self) -> None:
+        if self._stopping:
+            return
+        self._decoder = fsworker.ReplyDecoder()
+        argv = [sys.executable, "-m", "relay.queue.fsworker", str(self.path), self.sync]
+        self.reactor.spawnProcess(self, sys.executable, argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"})
+
+    def connectionMade(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if outbox:
+            self.transport.write(b"".join(outbox))
+
+    def submit(self, request: Request) -> Deferred[None]:
+        requestID = next(self._ids)
+        d: Deferred[None] = Deferred()
+        self._pending[requestID] = d
+        frame = fsworker.encodeRequest(requestID, request)
+        if self.transport is not None and not self._stopping:
+            self.transport.write(frame)
+        else:
+            self._outbox.append(frame)
+        return d
+
+    def outReceived(self, data: bytes) -> None:
+        for requestID, error in self._decoder.feed(data):
+            d = self._pending.pop(requestID, None)
+            if d is None:
+                continue
+            if error is None:
+                d.callback(None)
+            else:
+                d.errback(Failure(_error(error)))
+
+    def errReceived(self, data: bytes) -> None:
+        self._stderr += data
+        *lines, self._stderr = self._stderr.split(b"\n")
+        for line in lines:
+            if line.strip():
+                self.log.info("{line}", line=line.decode("utf-8", "replace"))
+
+    def processEnded(self, reason: Failure) -> None:
+        self.transport = None
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(Failure(OSError(errno.EIO, f"queue worker exited: {reason.getErrorMessage()}")))
+        if self._stopping:
+            ended, self._ended = self._ended, []
+            for d in ended:
+                d.callback(None)
+            return
+        if not reason.check(ProcessDone) or pending:
+            self.log.error("queue worker exited ({reason}); starting another", reason=reason.getErrorMessage())
+        self.reactor.callLater(self.restartDelay, self._spawn)
+
+    def stop(self) -> Deferred[None]:
+        """Let the child finish what it has, print its statistics and exit."""
+        self._stopping = True
+        if self.transport is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._ended.append(d)
+        self.transport.closeStdin()
+        timer = self.reactor.callLater(self.stopTimeout, self._kill)
+        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        return d
+
+    def _kill(self) -> None:
+        if self.transport is not None:
+            self.log.error("queue worker did not exit in {seconds}s; killing it", seconds=self.stopTimeout)
+            self.transport.signalProcess("KILL")
 
 
 @implementer(IIncomingMessage)
@@ -267,11 +218,9 @@ class FilesystemIncoming:
     """
     A message being received; see L{IIncomingMessage}.
 
-    Data is buffered in memory up to L{SPILL} bytes, then appended to
-    C{incoming/<qid>} in the worker, so the reactor never creates or writes a
-    file (file creation waits for the file system journal, which the commits
-    of other messages keep busy).  A write error of the worker is raised by the
-    next L{write} or fails L{commit}.
+    Data is buffered in memory up to L{SPILL} bytes, then handed to the
+    worker to append.  A write error of the worker is raised by the next
+    L{write} and fails L{commit}.
     """
 
     log = Logger()
@@ -281,8 +230,7 @@ class FilesystemIncoming:
         self._store = store
         self._chunks: list[bytes] = []
         self._buffered = 0
-        self._fd: int | None = None
-        self._spilling: Deferred[None] | None = None
+        self._spilled = False
         self._error: Failure | None = None
         self._state = _OPEN
 
@@ -300,20 +248,13 @@ class FilesystemIncoming:
     def _spill(self) -> None:
         chunk = b"".join(self._chunks)
         self._chunks, self._buffered = [], 0
-        if self._spilling is None:
-            self._spilling = succeed(None)
-        self._spilling.addCallback(lambda _: self._store._blocking(self._append, chunk))
-        self._spilling.addErrback(self._spillFailed)
-
-    def _append(self, chunk: bytes) -> None:
-        if self._error is not None:
-            return
-        if self._fd is None:
-            self._fd = _create(self._store.incomingPath / self.queue_id)
-        _writeAll(self._fd, chunk)
+        self._spilled = True
+        # Requests are carried out in order: no need to wait for this one.
+        self._store.engine.submit((APPEND, self.queue_id, chunk, b"")).addErrback(self._spillFailed)
 
     def _spillFailed(self, failure: Failure) -> None:
-        self._error = failure
+        if self._error is None:
+            self._error = failure
 
     def commit(self, envelope: Envelope) -> Deferred[None]:
         if self._state != _OPEN:
@@ -325,41 +266,35 @@ class FilesystemIncoming:
         try:
             payload = _encode(envelope)
         except Exception:
-            return self._failed(Failure())
+            self._state = _FAILED
+            failure = Failure()
+            self._discard()
+            return fail(failure)
         tail = b"".join(self._chunks)
         self._chunks, self._buffered = [], 0
-        if self._spilling is None:
-            d = self._submit(payload, tail)
-        else:
-            d = self._spilling
-            d.addCallback(lambda _: self._submit(payload, tail))
+        # The worker fails the commit itself if an earlier append failed.
+        d = self._store.engine.submit((COMMIT, self.queue_id, tail, payload))
         d.addCallbacks(self._committed, self._failed)
         return d
-
-    def _submit(self, payload: bytes, tail: bytes) -> Deferred[None]:
-        if self._error is not None:
-            return fail(self._error)
-        fd, self._fd = self._fd, None  # the operation owns it now, and closes it
-        return self._store._batcher.submit(_Commit(self._store, self.queue_id, fd, tail, payload))
 
     def _committed(self, _: object) -> None:
         self._state = _COMMITTED
 
-    def _failed(self, failure: Failure) -> Deferred[None]:
+    def _failed(self, failure: Failure) -> Failure:
+        # The worker has removed whatever the commit had written.
         self._state = _FAILED
-        d = self._store._blocking(self._discard)
-
-        def cleanupFailed(cleanup: Failure) -> None:
-            self.log.failure("could not clean up after failed commit of {queue_id}", cleanup, queue_id=self.queue_id)
-
-        d.addErrback(cleanupFailed)
-        d.addCallback(lambda _: failure)
-        return d
+        self._store._ours.discard(self.queue_id)
+        return failure
 
     def _discard(self) -> None:
-        fd, self._fd = self._fd, None
-        _closeFd(fd)
-        self._store._discardCommit(self.queue_id)
+        if not self._spilled:
+            return  # nothing reached the disk
+
+        def discardFailed(failure: Failure) -> None:
+            # Recovery empties incoming/ at the next start.
+            self.log.failure("could not remove aborted message {queue_id}", failure, queue_id=self.queue_id)
+
+        self._store.engine.submit((DISCARD, self.queue_id, b"", b"")).addErrback(discardFailed)
 
     def abort(self) -> None:
         # After a commit (in flight, done or failed) there is nothing partial left
@@ -368,30 +303,31 @@ class FilesystemIncoming:
             return
         self._state = _ABORTED
         self._chunks, self._buffered = [], 0
-        if self._spilling is None:
-            return  # nothing reached the disk
-
-        def discard(_: object) -> Deferred[None]:
-            return self._store._blocking(self._discard)
-
-        def discardFailed(failure: Failure) -> None:
-            # Recovery empties incoming/ at the next start.
-            self.log.failure("could not remove aborted message {queue_id}", failure, queue_id=self.queue_id)
-
-        self._spilling.addBoth(discard).addErrback(discardFailed)
+        self._store._ours.discard(self.queue_id)
+        self._discard()
 
 
 @implementer(IQueueStore)
 class FilesystemQueueStore:
-    """See the module docstring for the layout and the commit protocol."""
+    """
+    See the module docstring for the layout and the commit protocol.
+
+    @param blocking: runs recovery (and, without an C{engine}, the file work)
+        off the reactor thread.
+    @param engine: what carries out the file work; by default a
+        L{ThreadEngine} over C{blocking}.
+    """
 
     log = Logger()
 
     def __init__(
-        self, path: Path, blocking: Callable[..., Deferred[Any]], clock: Any, sync: str = SYNC_MODES[0]
+        self,
+        path: Path,
+        blocking: Callable[..., Deferred[Any]],
+        clock: Any,
+        sync: str = SYNC_MODES[0],
+        engine: Any = None,
     ) -> None:
-        if sync not in SYNC_MODES:
-            raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)} here, not {sync!r}")
         self.sync = sync
         self.path = Path(path)
         self.incomingPath = self.path / "incoming"
@@ -400,13 +336,13 @@ class FilesystemQueueStore:
         self._clock = clock
         self._lastMicros = -1
         self._random = random.Random()  # seeded from os.urandom
+        # Messages of this process, received or not yet removed: recovery runs
+        # while the listeners already accept, and must leave them alone.
+        self._ours: set[str] = set()
+        files = QueueFiles(self.path, sync)  # checks sync
         for directory in (self.path, self.incomingPath, self.messagesPath):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._batcher = _Batcher(self._runBatch, self)
-        # Written by the worker only (one batch at a time), read at stop().
-        self.batches = 0
-        self.operations = 0
-        self.syncSeconds = 0.0
+        self.engine = engine if engine is not None else ThreadEngine(files, lambda *a: self._blocking(*a))
 
     # -- queue ids -------------------------------------------------------
 
@@ -422,127 +358,67 @@ class FilesystemQueueStore:
         self._lastMicros = micros
         return f"{micros:013x}{self._random.getrandbits(24):06x}"
 
-    def _messageFile(self, queueID: str, suffix: str = "") -> Path:
+    def _checked(self, queueID: str) -> str:
         if not QUEUE_ID.match(queueID):
             raise ValueError(f"bad queue id {queueID!r}")
-        return self.messagesPath / (queueID + suffix)
+        return queueID
 
     # -- IQueueStore -----------------------------------------------------
 
     def begin(self) -> FilesystemIncoming:
-        return FilesystemIncoming(self, self.newQueueID())
+        incoming = FilesystemIncoming(self, self.newQueueID())
+        self._ours.add(incoming.queue_id)
+        return incoming
 
     def openData(self, queueID: str) -> BinaryIO:
-        return open(self._messageFile(queueID), "rb")
+        return open(self.messagesPath / self._checked(queueID), "rb")
 
     def update(self, envelope: Envelope) -> Deferred[None]:
         try:
-            target = self._messageFile(envelope.queue_id, ".json")
-            payload = _encode(envelope)
+            request = (UPDATE, self._checked(envelope.queue_id), b"", _encode(envelope))
         except Exception:
             return fail()
-        return self._batcher.submit(_Update(target, payload))
+        return self.engine.submit(request)
 
     def remove(self, queueID: str) -> Deferred[None]:
         try:
-            data = self._messageFile(queueID)
+            request = (REMOVE, self._checked(queueID), b"", b"")
         except ValueError:
             return fail()
-        return self._batcher.submit(_Remove(data.with_name(queueID + ".json"), data))
+        self._ours.discard(queueID)
+        return self.engine.submit(request)
 
     def recover(self) -> Deferred[list[Envelope]]:
         d = self._blocking(self._scan)
         d.addCallback(self._recovered)
         return d
 
-    def stop(self) -> None:
-        if self.operations:
-            self.log.info(
-                "queue store: {operations} changes in {batches} batches ({perBatch:.1f} per batch), "
-                "{perChange:.3f} ms of syncing per change",
-                operations=self.operations,
-                batches=self.batches,
-                perBatch=self.operations / self.batches,
-                perChange=1000 * self.syncSeconds / self.operations,
-            )
+    def stop(self) -> Deferred[None] | None:
+        return self.engine.stop()
 
-    # -- worker-thread parts ---------------------------------------------
-
-    def _runBatch(self, operations: list[_Operation]) -> list[BaseException | None]:
-        """
-        Carry out a batch; the error of each operation, or C{None}.
-
-        With C{sync = fsync}, every file written is fsynced, then renamed, then
-        C{messages/} is fsynced.  With C{syncfs}, two file system syncs replace
-        them: one after writing (data durable before any name points at it),
-        one after renaming.  That is one journal commit each, whatever the
-        batch size, where fsyncs of newly written files each force their own.
-        """
-        errors: list[BaseException | None] = [None] * len(operations)
-        started = time.monotonic()
-
-        def stage(name: str) -> None:
-            for i, operation in enumerate(operations):
-                if errors[i] is None:
-                    try:
-                        getattr(operation, name)()
-                    except Exception as e:
-                        errors[i] = e
-                        operation.undo()
-
-        def durably(sync: Callable[[Path], None]) -> None:
-            try:
-                sync(self.messagesPath)
-            except OSError as e:
-                for i, operation in enumerate(operations):
-                    if errors[i] is None:
-                        errors[i] = e
-                        operation.undo()
-
-        stage("prepare")
-        if self.sync == "syncfs":
-            durably(syncFilesystem)
-        else:
-            stage("sync")
-        stage("publish")
-        if any(errors[i] is None and operation.changed for i, operation in enumerate(operations)):
-            durably(syncFilesystem if self.sync == "syncfs" else fsyncDirectory)
-        self.batches += 1
-        self.operations += len(operations)
-        self.syncSeconds += time.monotonic() - started
-        return errors
-
-    def _discardCommit(self, queueID: str) -> None:
-        removed = False
-        for path in (
-            self.messagesPath / (queueID + ".json"),
-            self.messagesPath / queueID,
-            self.incomingPath / (queueID + ".json"),
-            self.incomingPath / queueID,
-        ):
-            try:
-                removed = _unlinkQuietly(path) or removed
-            except OSError:
-                pass
-        if removed:
-            try:
-                fsyncDirectory(self.messagesPath)
-            except OSError:
-                pass
+    # -- recovery (in a worker thread) -------------------------------------
 
     def _scan(self) -> tuple[list[Envelope], list[tuple[str, dict[str, Any]]]]:
         """
         Sort out what a previous run left behind.
 
         Log lines are returned rather than emitted: this runs in a worker
-        thread, and the caller logs from the reactor thread.
+        thread, and the caller logs from the reactor thread.  Files of
+        messages this process has begun are not the previous run's: they are
+        left alone, whatever state they are in.
         """
         notes: list[tuple[str, dict[str, Any]]] = []
+
+        def ours(name: str) -> bool:
+            return name.split(".", 1)[0] in self._ours
+
         for directory in (self.path, self.incomingPath, self.messagesPath):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
         discarded = 0
         for entry in os.scandir(self.incomingPath):
+            if ours(entry.name):
+                continue
             try:
                 os.unlink(entry.path)
                 discarded += 1
@@ -551,11 +427,11 @@ class FilesystemQueueStore:
         if discarded:
             notes.append(("discarded {count} uncommitted files from incoming/", {"count": discarded}))
 
-        names = set(os.listdir(self.messagesPath))
+        names = {name for name in os.listdir(self.messagesPath) if not ours(name)}
         envelopes: list[Envelope] = []
         for name in sorted(names):
             if name.endswith(".json.new"):
-                _unlinkQuietly(self.messagesPath / name)
+                fsworker.unlinkQuietly(self.messagesPath / name)
                 continue
             if not name.endswith(".json"):
                 continue
@@ -564,7 +440,7 @@ class FilesystemQueueStore:
                 continue
             envelopeFile = self.messagesPath / name
             if queueID not in names:
-                _unlinkQuietly(envelopeFile)
+                fsworker.unlinkQuietly(envelopeFile)
                 notes.append(
                     (
                         "envelope {queue_id} has no data file: message lost, envelope deleted",
@@ -587,7 +463,7 @@ class FilesystemQueueStore:
                 continue
             if name + ".json" in names or name + ".json.corrupt" in names:
                 continue
-            if _unlinkQuietly(self.messagesPath / name):
+            if fsworker.unlinkQuietly(self.messagesPath / name):
                 notes.append(("data file {queue_id} has no envelope (commit interrupted); deleted", {"queue_id": name}))
         return envelopes, notes
 

@@ -4,6 +4,8 @@ The real relay: twistd started as an operator would, real clients, real files.
 
 from __future__ import annotations
 
+import os
+import signal
 import smtplib
 import subprocess
 import time
@@ -222,3 +224,50 @@ def test_undeliverable_mail_bounces_to_a_local_sender(relay):
     assert (block["Action"], block["Status"]) == ("failed", "5.1.3")
     assert block["Final-Recipient"] == 'rfc822; ".hidden"@localhost'
     assert "failed notice for" in r.logText()
+
+
+def queueWorkers(pid: int) -> list[int]:
+    """The queue worker processes whose parent is C{pid}."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rpartition(")")[2].split()[1])
+        if parent == pid and b"relay.queue.fsworker" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_queue_worker_killed_is_replaced_and_never_outlives_the_relay(relay):
+    r = relay().start()
+    send(r.port, ["before@localhost"])
+    assert waitFor(lambda: len(r.delivered("before@localhost")) == 1, 5), r.logText()
+    [worker] = queueWorkers(r.proc.pid)
+    os.kill(worker, signal.SIGKILL)
+    assert waitFor(lambda: queueWorkers(r.proc.pid) not in ([], [worker]), 10), r.logText()
+    assert "queue worker exited" in r.logText()
+    send(r.port, ["after@localhost"])
+    assert waitFor(lambda: len(r.delivered("after@localhost")) == 1, 5), r.logText()
+
+    [replacement] = queueWorkers(r.proc.pid)
+    r.stop()
+    assert waitFor(lambda: not alive(replacement), 10)
+    assert "queue store: " in r.logText()  # the worker's statistics, logged at a clean stop
+
+    r.start()
+    [worker] = queueWorkers(r.proc.pid)
+    r.kill9()
+    # Its stdin closes with the relay: it finishes its batch and exits.
+    assert waitFor(lambda: not alive(worker), 10)
