@@ -36,10 +36,6 @@ class PluginContext:
     @ivar blocking: C{blocking(f, *args)} runs C{f} in a worker thread and
         returns a Deferred of its result.
     @ivar section: the section the plugin was configured in, for log lines.
-    @ivar dedicated: C{dedicated(name)} returns a C{blocking} runner backed by
-        a thread of the plugin's own, for work that must not wait behind
-        other plugins' jobs in the shared pool (a queue store's commits).  The
-        thread is stopped after the relay's services have stopped.
     """
 
     reactor: Any
@@ -48,7 +44,6 @@ class PluginContext:
     state_dir: Path
     section: str = ""
     blocking: Callable[..., Deferred[Any]] = field(default=runInline)
-    dedicated: Callable[[str], Callable[..., Deferred[Any]]] = field(default=lambda name: runInline)
 
 
 def _pluginsPackage() -> Any:

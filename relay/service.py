@@ -17,7 +17,6 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface.interface import InterfaceClass
 
 from relay import plugin
@@ -94,18 +93,6 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
     def blocking(f: Any, *args: Any, **kwargs: Any) -> Any:
         return deferToThreadPool(reactor, pool, f, *args, **kwargs)
 
-    def dedicated(name: str) -> Any:
-        own = ThreadPool(minthreads=1, maxthreads=1, name=f"relay-{name}")
-        # Started with the reactor, so a start-up that fails later leaves no
-        # thread behind; work handed to it before then waits in its queue.
-        reactor.callWhenRunning(own.start)
-        reactor.addSystemEventTrigger("during", "shutdown", own.stop)
-
-        def run(f: Any, *args: Any, **kwargs: Any) -> Any:
-            return deferToThreadPool(reactor, own, f, *args, **kwargs)
-
-        return run
-
     def context(section: str) -> plugin.PluginContext:
         return plugin.PluginContext(
             reactor=reactor,
@@ -114,7 +101,6 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
             state_dir=settings.state_dir,
             section=section,
             blocking=blocking,
-            dedicated=dedicated,
         )
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)

@@ -254,6 +254,7 @@ def test_queue_worker_killed_is_replaced_and_never_outlives_the_relay(relay):
     r = relay().start()
     send(r.port, ["before@localhost"])
     assert waitFor(lambda: len(r.delivered("before@localhost")) == 1, 5), r.logText()
+    assert waitFor(lambda: len(queueWorkers(r.proc.pid)) == 1, 10)
     [worker] = queueWorkers(r.proc.pid)
     os.kill(worker, signal.SIGKILL)
     assert waitFor(lambda: queueWorkers(r.proc.pid) not in ([], [worker]), 10), r.logText()
@@ -267,6 +268,7 @@ def test_queue_worker_killed_is_replaced_and_never_outlives_the_relay(relay):
     assert "queue store: " in r.logText()  # the worker's statistics, logged at a clean stop
 
     r.start()
+    assert waitFor(lambda: len(queueWorkers(r.proc.pid)) == 1, 10)
     [worker] = queueWorkers(r.proc.pid)
     r.kill9()
     # Its stdin closes with the relay: it finishes its batch and exits.
