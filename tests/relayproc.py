@@ -53,6 +53,30 @@ def tool(name: str) -> str:
     return found
 
 
+def children(pid: int, marker: bytes) -> list[int]:
+    """The processes whose parent is C{pid} and whose command line holds C{marker}."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rpartition(")")[2].split()[1])
+        if parent == pid and marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 MINIMAL = """\
 [relay]
 hostname = relay.test

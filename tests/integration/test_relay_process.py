@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from relayproc import TWISTD, Relay, freePort, listening, tool, waitFor
+from relayproc import TWISTD, Relay, alive, children, freePort, listening, tool, waitFor
 
 pytestmark = pytest.mark.integration
 
@@ -227,27 +227,7 @@ def test_undeliverable_mail_bounces_to_a_local_sender(relay):
 
 
 def queueWorkers(pid: int) -> list[int]:
-    """The queue worker processes whose parent is C{pid}."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = int(stat.rpartition(")")[2].split()[1])
-        if parent == pid and b"relay.queue.fsworker" in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
+    return children(pid, b"relay.queue.fsworker")
 
 
 def test_queue_worker_killed_is_replaced_and_never_outlives_the_relay(relay):
