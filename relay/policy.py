@@ -59,6 +59,7 @@ class Policy:
         self.validators = tuple(validators)
         self._clock = clock
         self._timeout = validatorTimeout
+        self._mayRelay: dict[str, bool] = {}  # address -> in relay_networks: checked per session and RCPT
 
     def isLocal(self, domain: str) -> bool:
         return domain.lower() in self.localDomains
@@ -66,8 +67,14 @@ class Policy:
     def mayRelay(self, client: str, authenticated: str | None) -> bool:
         if authenticated:
             return True
-        ip = clientIP(client)
-        return ip is not None and any(ip in net for net in self.relayNetworks)
+        known = self._mayRelay.get(client)
+        if known is None:
+            ip = clientIP(client)
+            known = ip is not None and any(ip in net for net in self.relayNetworks)
+            if len(self._mayRelay) >= 4096:
+                self._mayRelay.clear()  # bounded: many distinct clients just recompute
+            self._mayRelay[client] = known
+        return known
 
     def checkRecipient(self, address: str, session: SessionInfo, mayRelay: bool) -> Deferred[Status]:
         """
