@@ -165,6 +165,9 @@ def _addressReject(error: AddressError, path: str) -> Reject:
     return _reject(f"Bad address syntax: {error}", 501, "5.1.3")
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def parseCommand(line: bytes, utf8: bool = False) -> Command | Reject:
     """
     Parse one command line (no CRLF).
@@ -177,7 +180,7 @@ def parseCommand(line: bytes, utf8: bool = False) -> Command | Reject:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         return _reject("Invalid characters in command", 500, "5.5.2")
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if _CONTROL.search(text):
         return _reject("Control characters in command", 500, "5.5.2")
     verb, _, arg = text.partition(" ")
     if not _VERB.match(verb):
