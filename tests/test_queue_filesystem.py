@@ -256,34 +256,78 @@ def test_commit_failure_when_messages_is_not_a_directory(tmp_path):
     assert files(tmp_path) == []
 
 
-@pytest.mark.parametrize("failing", [1, 2])
-def test_commit_failure_at_sync_removes_committed_files(tmp_path, monkeypatch, sync, failing):
+def failSyncs(monkeypatch, name: str, failing: set[int]) -> list:
+    """Make the given calls (1-based) of fsworker.NAME fail with EIO; the others run."""
+    calls: list = []
+    real = getattr(fsworker, name)
+
+    def sync(arg):
+        calls.append(arg)
+        if len(calls) in failing:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(arg)
+
+    monkeypatch.setattr(fsworker, name, sync)
+    return calls
+
+
+@pytest.mark.parametrize("where", ["file", "batch"])
+def test_commit_failure_at_sync_removes_committed_files(tmp_path, monkeypatch, sync, where):
     """
-    The first or the second sync of a batch fails (fsync of a file or of the
-    directory; the first or second syncfs): nothing is kept, the commit fails.
+    A sync of a commit fails (fsync of a file or of the directory; the
+    batch's one syncfs), or writing its envelope does: nothing is kept, the
+    commit fails.
     """
     store = makeStore(tmp_path)
     incoming = store.begin()
     incoming.write(DATA)
-    calls = []
-    name = "syncFilesystem" if sync == "syncfs" else "fsyncDirectory"
-    if sync == "fsync" and failing == 1:
-        name = "fsyncFile"
-    real = getattr(fsworker, name)
-
-    def failingSync(arg):
-        calls.append(arg)
-        if sync == "fsync" or len(calls) == failing:
-            raise OSError(errno.EIO, "Input/output error")
-        return real(arg)
-
-    monkeypatch.setattr(fsworker, name, failingSync)
+    if sync == "syncfs":
+        # No single file is synced: the file case fails creating the envelope file.
+        calls = failSyncs(monkeypatch, "create" if where == "file" else "syncFilesystem", {2 if where == "file" else 1})
+    else:
+        calls = failSyncs(monkeypatch, "fsyncFile" if where == "file" else "fsyncDirectory", {1})
     with pytest.raises(OSError) as info:
         result(incoming.commit(envelopeFor(incoming.queue_id)))
     assert info.value.errno == errno.EIO
+    assert calls  # the failure came from the sync
     monkeypatch.undo()
     assert files(tmp_path) == []
     assert result(makeStore(tmp_path).recover()) == []
+
+
+def test_syncs_per_batch(tmp_path, monkeypatch, sync):
+    """syncfs: one sync for a batch of commits, a second only when it updates an envelope."""
+    store = makeStore(tmp_path)
+    name = "syncFilesystem" if sync == "syncfs" else "fsyncDirectory"
+    calls = failSyncs(monkeypatch, name, set())
+    envelope = queueOne(store)
+    assert len(calls) == 1
+    envelope.recipients[0].attempts = 5
+    result(store.update(envelope))
+    assert len(calls) == (3 if sync == "syncfs" else 2)
+    result(store.remove(envelope.queue_id))  # not synced of its own: the next batch's sync carries it
+    assert len(calls) == (3 if sync == "syncfs" else 2)
+
+
+def test_update_fails_when_its_rename_cannot_be_made_durable(tmp_path, monkeypatch, sync):
+    store = makeStore(tmp_path)
+    envelope = queueOne(store)
+    name = "syncFilesystem" if sync == "syncfs" else "fsyncDirectory"
+    failSyncs(monkeypatch, name, {2} if sync == "syncfs" else {1})
+    envelope.recipients[0].attempts = 5
+    with pytest.raises(OSError):
+        result(store.update(envelope))
+
+
+def test_interrupted_in_place_commits_are_discarded(tmp_path):
+    """What a crash during a syncfs commit can leave: an empty envelope, or data shorter than recorded."""
+    store = makeStore(tmp_path)
+    good, empty, short = queueOne(store), queueOne(store), queueOne(store)
+    messages = tmp_path / "messages"
+    (messages / f"{empty.queue_id}.json").write_bytes(b"")
+    (messages / short.queue_id).write_bytes(DATA[:5])
+    assert result(makeStore(tmp_path).recover()) == [good]
+    assert files(tmp_path) == [f"messages/{good.queue_id}", f"messages/{good.queue_id}.json"]
 
 
 def test_commit_twice_or_with_foreign_envelope_fails(tmp_path):
@@ -304,7 +348,8 @@ def _devFullIncoming(store, monkeypatch, tmp_path):
         pytest.skip("no /dev/full")
     queueID = "0123456789abcdeff00"
     monkeypatch.setattr(store, "newQueueID", lambda: queueID)
-    (tmp_path / "incoming" / queueID).symlink_to("/dev/full")
+    (tmp_path / "incoming" / queueID).symlink_to("/dev/full")  # where spilled data goes
+    (tmp_path / "messages" / queueID).symlink_to("/dev/full")  # where syncfs commits write
     return store.begin()
 
 
@@ -391,8 +436,8 @@ def test_group_commit_shares_directory_syncs(tmp_path, monkeypatch):
     runAll()
     assert [result(d) for d in commits] == [None] * 5
     # The first commit's batch ran alone; the four that arrived while it ran
-    # shared the second: one directory sync each, or two file system syncs each.
-    assert len(syncs) == (4 if SYNC == "syncfs" else 2)
+    # shared the second: one directory sync or one file system sync each.
+    assert len(syncs) == 2
     assert len(result(makeStore(tmp_path).recover())) == 5
 
 

@@ -8,11 +8,14 @@ Layout under the store's directory::
     messages/<qid>          committed data
     messages/<qid>.json     committed envelope: its presence is the commit point
 
-A message is renamed into C{messages/} data first, envelope second, so a crash
-can leave data without an envelope (discarded at recovery: the client was never
-told 250) but never an envelope that was acknowledged without its data.  Every
-file is durable before it is renamed, and the renames are durable before the
-250 goes out.
+With C{sync = fsync}, a message is renamed into C{messages/} data first,
+envelope second, so a crash can leave data without an envelope (discarded at
+recovery: the client was never told 250) but never an envelope that was
+acknowledged without its data; every file is durable before it is renamed,
+and the renames are durable before the 250 goes out.  With C{sync = syncfs},
+both files are written in place and one file system sync makes the batch
+durable; the envelope carries C{data_size}, so recovery deletes a commit that
+a crash cut short (an empty envelope, or shorter data), never acknowledged.
 
 Group commit: the file work is done by L{relay.queue.fsworker}, in a child
 process in production (L{ProcessEngine}), one batch at a time.  Commits,
@@ -59,10 +62,15 @@ file; most messages are smaller and never touch the disk before commit."""
 _OPEN, _COMMITTING, _COMMITTED, _FAILED, _ABORTED = range(5)
 
 
-def _encode(envelope: Envelope) -> bytes:
+def _encode(envelope: Envelope, dataSize: int | None = None) -> bytes:
     # Serialised in the caller's thread: the scheduler keeps mutating the
     # envelope after update() returns, the worker must see a snapshot.
-    return json.dumps(envelope.toJSON(), ensure_ascii=False, separators=(",", ":")).encode()
+    fields = envelope.toJSON()
+    if dataSize is not None:
+        # Recovery compares it with the data file: a shorter file is a commit
+        # a crash interrupted before its sync, never acknowledged.
+        fields["data_size"] = dataSize
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _error(error: fsworker.Error) -> OSError:
@@ -230,6 +238,7 @@ class FilesystemIncoming:
         self._store = store
         self._chunks: list[bytes] = []
         self._buffered = 0
+        self._size = 0
         self._spilled = False
         self._error: Failure | None = None
         self._state = _OPEN
@@ -240,6 +249,7 @@ class FilesystemIncoming:
         if self._error is None:
             self._chunks.append(data)
             self._buffered += len(data)
+            self._size += len(data)
             if self._buffered >= SPILL:
                 self._spill()
         if self._error is not None:
@@ -264,7 +274,7 @@ class FilesystemIncoming:
             return fail(ValueError(f"envelope of {envelope.queue_id} given to message {self.queue_id}"))
         self._state = _COMMITTING
         try:
-            payload = _encode(envelope)
+            payload = _encode(envelope, self._size)
         except Exception:
             self._state = _FAILED
             failure = Failure()
@@ -449,12 +459,23 @@ class FilesystemQueueStore:
                 )
                 continue
             try:
-                envelope = Envelope.fromJSON(json.loads(envelopeFile.read_bytes()))
+                raw = envelopeFile.read_bytes()
+                if not raw:
+                    # Created, never written: a commit a crash cut short before its
+                    # sync, so never acknowledged (C{sync = syncfs} writes in place).
+                    self._discardInterrupted(queueID, names, notes)
+                    continue
+                fields = json.loads(raw)
+                envelope = Envelope.fromJSON(fields)
                 if envelope.queue_id != queueID:
                     raise ValueError(f"envelope names queue id {envelope.queue_id!r}")
             except Exception as e:
                 # Never fatal and never silent: an operator may be able to repair it.
                 names.add(self._setAside(envelopeFile, e, notes))
+                continue
+            dataSize = fields.get("data_size")
+            if dataSize is not None and os.stat(self.messagesPath / queueID).st_size != dataSize:
+                self._discardInterrupted(queueID, names, notes)
                 continue
             envelopes.append(envelope)
 
@@ -466,6 +487,12 @@ class FilesystemQueueStore:
             if fsworker.unlinkQuietly(self.messagesPath / name):
                 notes.append(("data file {queue_id} has no envelope (commit interrupted); deleted", {"queue_id": name}))
         return envelopes, notes
+
+    def _discardInterrupted(self, queueID: str, names: set[str], notes: list[tuple[str, dict[str, Any]]]) -> None:
+        fsworker.unlinkQuietly(self.messagesPath / (queueID + ".json"))
+        fsworker.unlinkQuietly(self.messagesPath / queueID)
+        names.discard(queueID)
+        notes.append(("{queue_id} was being committed (never acknowledged); deleted", {"queue_id": queueID}))
 
     def _setAside(self, envelopeFile: Path, error: Exception, notes: list[tuple[str, dict[str, Any]]]) -> str:
         """Rename an unreadable envelope to C{.corrupt}; its data file is kept beside it."""

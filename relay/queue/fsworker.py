@@ -111,6 +111,7 @@ class _Operation:
     """
 
     changed = False  # whether publish() changed messages/ (then it must be synced)
+    writes = False  # whether prepare() wrote something that must be durable
     counted = True  # a change of the queue (not the bookkeeping of an incoming message)
 
     def prepare(self) -> None:
@@ -148,22 +149,35 @@ class _Append(_Operation):
 
 
 class _Commit(_Operation):
-    changed = True
+    """
+    With C{fsync}: written in C{incoming/}, fsynced, renamed into C{messages/}
+    (data first), directory fsynced.  With C{syncfs}: written straight into
+    C{messages/} and made durable by the batch's one file system sync; a
+    crash before that sync completes can leave a prefix of either file, which
+    recovery recognises (unparsable envelope, or data shorter than the
+    envelope's C{data_size}) as a commit that was never acknowledged.
+    """
 
     def __init__(self, files: QueueFiles, queueID: str, tail: bytes, payload: bytes) -> None:
         self.files, self.queueID, self.tail, self.payload = files, queueID, tail, payload
         self.fd: int | None = None
         self.envelopeFd: int | None = None
+        self.changed = files.sync == "fsync"
+        self.writes = True
 
     def prepare(self) -> None:
         files = self.files
         if self.queueID in files.broken:
             raise files.broken.pop(self.queueID)
+        direct = files.sync == "syncfs"
+        where = files.messages if direct else files.incoming
         self.fd = files.open.pop(self.queueID, None)
         if self.fd is None:
-            self.fd = create(files.incoming / self.queueID)
+            self.fd = create(where / self.queueID)
+        elif direct:
+            os.rename(files.incoming / self.queueID, where / self.queueID)
         writeAll(self.fd, self.tail)
-        self.envelopeFd = create(files.incoming / (self.queueID + ".json"))
+        self.envelopeFd = create(where / (self.queueID + ".json"))
         writeAll(self.envelopeFd, self.payload)
 
     def sync(self) -> None:
@@ -173,6 +187,8 @@ class _Commit(_Operation):
 
     def publish(self) -> None:
         self._close()
+        if self.files.sync == "syncfs":
+            return  # in place, and durable since the batch's sync
         incoming, messages = self.files.incoming, self.files.messages
         # Data first: an envelope in messages/ always has its data beside it.
         os.rename(incoming / self.queueID, messages / self.queueID)
@@ -191,6 +207,7 @@ class _Commit(_Operation):
 
 class _Update(_Operation):
     changed = True
+    writes = True
 
     def __init__(self, files: QueueFiles, queueID: str, payload: bytes) -> None:
         self.target = files.messages / (queueID + ".json")
@@ -221,12 +238,14 @@ class _Update(_Operation):
 
 
 class _Remove(_Operation):
+    # Not synced on its own (IQueueStore.remove promises no durability): the
+    # next batch's sync carries it; a crash before then repeats a delivery.
     def __init__(self, files: QueueFiles, queueID: str) -> None:
         self.paths = (files.messages / (queueID + ".json"), files.messages / queueID)
 
     def publish(self) -> None:
         for path in self.paths:
-            self.changed = unlinkQuietly(path) or self.changed
+            unlinkQuietly(path)
 
 
 class _Discard(_Operation):
@@ -279,10 +298,11 @@ class QueueFiles:
         Carry out a batch; the error of each request, or C{None}.
 
         With C{sync = fsync}, every file written is fsynced, then renamed, then
-        C{messages/} is fsynced.  With C{syncfs}, two file system syncs replace
-        them: one after writing (data durable before any name points at it),
-        one after renaming.  That is one journal commit each, whatever the
-        batch size, where fsyncs of newly written files each force their own.
+        C{messages/} is fsynced.  With C{syncfs}, one file system sync after
+        writing makes the whole batch durable: one journal commit, whatever
+        the batch size, where fsyncs of newly written files each force their
+        own.  Only envelope updates (a rename over the old envelope, whose new
+        content must be durable first) need a second sync after publishing.
         """
         operations = [self._operation(request) for request in requests]
         errors: list[BaseException | None] = [None] * len(operations)
@@ -308,7 +328,7 @@ class QueueFiles:
 
         stage("prepare")
         if self.sync == "syncfs":
-            if any(errors[i] is None and operation.counted for i, operation in enumerate(operations)):
+            if any(errors[i] is None and operation.writes for i, operation in enumerate(operations)):
                 durably(syncFilesystem)
         else:
             stage("sync")
