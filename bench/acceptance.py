@@ -8,7 +8,8 @@ every message on hold, relay runs with ``[queue] hold = yes``.  Each relay run
 is a fresh process, whose queue store logs at shutdown how many changes each
 batch of syncs carried (group commit) and what durability cost per change;
 the 1-session row shows that cost at no concurrency, beside 20 sessions.
-The servers take turns, round after round, and the medians are compared.
+The servers take turns, round after round; each round's ratio compares two
+runs seconds apart, and the median of those ratios is the figure.
 
     .venv/bin/python bench/acceptance.py [--messages 2000] [--sessions 20] [--size 2048]
 """
@@ -141,7 +142,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=2048)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved relay/Postfix rounds; medians are compared")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved relay/Postfix rounds")
     parser.add_argument("--sync", choices=("syncfs", "fsync"), help="[queue] sync of relay (default: its default)")
     args = parser.parse_args()
     rates: dict[tuple[str, str, int], list[float]] = {}
@@ -196,9 +197,17 @@ def main() -> int:
             f" {perBatch:>9} {perChange:>14}"
         )
     for mode in ("new conn", "-d"):
-        ours = statistics.median(rates[("relay (hold)", mode, args.sessions)])
-        theirs = statistics.median(rates[("postfix (hold)", mode, args.sessions)])
-        print(f"relay / postfix ({mode}, {args.sessions} sessions, medians): {ours / theirs:.2f}x   (target: 1.5x)")
+        ours = rates[("relay (hold)", mode, args.sessions)]
+        theirs = rates[("postfix (hold)", mode, args.sessions)]
+        # Each round's two runs are seconds apart, so they share the disk's
+        # mood; the median of the rounds' ratios is the figure to quote.
+        ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+        rounds = " ".join(f"{r:.2f}" for r in ratios)
+        ofMedians = statistics.median(ours) / statistics.median(theirs)
+        print(
+            f"relay / postfix ({mode}, {args.sessions} sessions): median of rounds {statistics.median(ratios):.2f}x"
+            f" (rounds: {rounds}; of medians {ofMedians:.2f}x)   target: 1.5x"
+        )
     return 0
 
 

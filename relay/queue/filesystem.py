@@ -167,10 +167,24 @@ class ProcessEngine(ProcessProtocol):
         self._pending[requestID] = d
         frame = fsworker.encodeRequest(requestID, request)
         if self.transport is not None and not self._stopping:
-            self.transport.write(frame)
+            self._write(frame)
         else:
             self._outbox.append(frame)
         return d
+
+    def _write(self, data: bytes) -> None:
+        # Straight into the pipe when nothing waits before it: the worker
+        # starts on this request while the reactor is still busy with others.
+        writer = getattr(self.transport, "pipes", {}).get(0)
+        if writer is not None and not writer.dataBuffer and not writer._tempDataBuffer:
+            try:
+                written = os.write(writer.fd, data)
+            except OSError:
+                written = 0  # full (EAGAIN), or an error the transport will report
+            data = data[written:]
+            if not data:
+                return
+        self.transport.write(data)
 
     def outReceived(self, data: bytes) -> None:
         for requestID, error in self._decoder.feed(data):
