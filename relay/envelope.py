@@ -208,10 +208,19 @@ class Envelope:
 
 @dataclass(frozen=True)
 class DeliveryResult:
-    """What a delivery backend says about one recipient after one attempt."""
+    """
+    What a delivery backend says about one recipient after one attempt.
+
+    @ivar dsnPassed: for a delivered recipient, who reports success to the
+        sender when it asked (NOTIFY=SUCCESS): C{None}, this was the final
+        delivery, the relay sends a "delivered" report; C{True}, the next hop
+        took the DSN request and reports itself; C{False}, the next hop does
+        not do DSN, the relay sends a "relayed" report (RFC 3461 5.2.2).
+    """
 
     recipient: str
     status: Status
+    dsnPassed: bool | None = None
 
     @property
     def delivered(self) -> bool:

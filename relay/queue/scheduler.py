@@ -173,19 +173,34 @@ class Scheduler(Service):
         groups, unrouted = self.router.group(envelope.pending())
         results: list[tuple[Recipient, Status, str | None]] = [(r, NO_ROUTE, None) for r in unrouted]
         attempts = [(name, rcpts, self._deliver(name, envelope, rcpts)) for name, rcpts in groups.items()]
+        relayed: list[Recipient] = []  # delivered to a next hop that does not report success itself
+        passed: set[str] = set()  # delivered to a next hop that took the DSN request
         for name, recipients, d in attempts:
-            byAddress = {result.recipient: result.status for result in await d}
+            byAddress = {result.recipient: result for result in await d}
             for recipient in recipients:
-                results.append((recipient, byAddress.get(recipient.address, NO_RESULT), name))
+                result = byAddress.get(recipient.address)
+                results.append((recipient, result.status if result else NO_RESULT, name))
+                if result is None or not result.status.ok or result.dsnPassed is None:
+                    continue
+                if result.dsnPassed:
+                    passed.add(recipient.address)
+                else:
+                    relayed.append(recipient)
         now = self.clock.seconds()
         for recipient, status, backend in results:
             self._apply(envelope, recipient, status, backend, now)
         # Reports are queued before the original's state is stored: after a
         # crash in between, a report may go twice, never zero times.
         failed = [r for r, _, _ in results if r.state is RecipientState.FAILED]
-        delivered = [r for r, _, _ in results if r.state is RecipientState.DELIVERED]
+        relayedHere = {r.address for r in relayed}
+        delivered = [
+            r
+            for r, _, _ in results
+            if r.state is RecipientState.DELIVERED and r.address not in passed and r.address not in relayedHere
+        ]
         await self._report(envelope, failed, Kind.FAILURE, now)
         await self._report(envelope, delivered, Kind.SUCCESS, now)
+        await self._report(envelope, relayed, Kind.RELAYED, now)
         pending = envelope.pending()
         if pending and self.warnAfter and now - envelope.received_at >= self.warnAfter:
             if not envelope.extra.get("delay_warned"):

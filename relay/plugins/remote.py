@@ -1,0 +1,56 @@
+"""
+The built-in remote delivery backends, registered like any third-party one:
+``smarthost`` (everything to one upstream server) and ``mx`` (each domain's
+mail exchangers).  Their modules are imported only when built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from relay.interfaces import IDeliveryBackendFactory
+
+
+@implementer(IPlugin, IDeliveryBackendFactory)
+class SmartHostBackendFactory:
+    name = "smarthost"
+    description = "Relay everything to one upstream server (STARTTLS or implicit TLS, AUTH, verified certificate)"
+    keys = {
+        "host": "the smart host's name or address (required)",
+        "port": "its port (default 25)",
+        "tls": "starttls (default), implicit or none",
+        "verify": "yes (default): the certificate must be valid for host; no: encrypt only",
+        "ca_file": "PEM file of trusted CAs (default: the system trust store)",
+        "username": "AUTH user (with password_file)",
+        "password_file": "file holding the AUTH password alone (a trailing newline is ignored)",
+    }
+
+    def build(self, options: Mapping[str, Any], context: Any) -> Any:
+        from relay.delivery.smarthost import fromOptions
+
+        return fromOptions(options, context)
+
+
+@implementer(IPlugin, IDeliveryBackendFactory)
+class MXBackendFactory:
+    name = "mx"
+    description = "Deliver to each recipient domain's mail exchangers (MX, else A/AAAA; null MX bounces)"
+    keys = {
+        "port": "SMTP port of every mail exchanger (default 25)",
+        "tls": "opportunistic (default), required or verify (certificate valid for the MX name)",
+        "ca_file": "PEM file of trusted CAs for verify (default: the system trust store)",
+        "nameservers": "host:port ... to ask instead of the system resolver",
+    }
+
+    def build(self, options: Mapping[str, Any], context: Any) -> Any:
+        from relay.delivery.mx import fromOptions
+
+        return fromOptions(options, context)
+
+
+smarthost = SmartHostBackendFactory()
+mx = MXBackendFactory()
