@@ -32,6 +32,7 @@ test: lint
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/acceptance.py
+	$(PY) bench/endtoend.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache

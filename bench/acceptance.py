@@ -21,18 +21,12 @@ import itertools
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-POSTFIX_PEER = ROOT.parent / "shared" / "tools" / "postfix-peer"
-TWISTD = str(Path(sys.executable).parent / "twistd")
+from common import PostfixPeer, RelayProcess, freePort, smtpSource
 
 CONFIG = """\
 [relay]
@@ -59,46 +53,6 @@ hold = yes
 """
 
 
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def waitListening(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
-
-
-def smtpSource(port: int, messages: int, sessions: int, size: int, reuse: bool) -> float:
-    tool = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
-    command = [
-        tool,
-        "-s",
-        str(sessions),
-        "-l",
-        str(size),
-        "-m",
-        str(messages),
-        "-f",
-        "bench@example.org",
-        "-t",
-        "sink@localhost",
-    ]
-    if reuse:
-        command.insert(1, "-d")
-    os.sync()  # every run starts with nothing of the previous one left to write
-    started = time.monotonic()
-    subprocess.run([*command, f"127.0.0.1:{port}"], check=True, timeout=600, capture_output=True)
-    return time.monotonic() - started
-
-
 RUNS = itertools.count()
 STORE_LINE = re.compile(r"queue store: (\d+) changes in (\d+) batches \(([\d.]+) per batch\), ([\d.]+) ms")
 
@@ -108,25 +62,10 @@ def relayRow(work: Path, messages: int, sessions: int, size: int, reuse: bool, s
     run = next(RUNS)
     state = work / f"var-{run}"
     port = freePort()
-    config = work / "relay.ini"
     log = work / f"relay-{run}.log"
-    config.write_text(CONFIG.format(state=state, port=port, sync=f"sync = {sync}" if sync else ""))
-    relay = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", "--logfile", str(log), "relay", "--config", str(config)],
-        cwd=work,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        waitListening(port)
-        seconds = smtpSource(port, messages, sessions, size, reuse)
-    finally:
-        relay.send_signal(signal.SIGTERM)
-        try:
-            relay.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            relay.kill()
-            relay.wait(timeout=10)
+    text = CONFIG.format(state=state, port=port, sync=f"sync = {sync}" if sync else "")
+    with RelayProcess(work, text, port, log):
+        seconds = smtpSource(port, messages, sessions, size, reuse, "sink@localhost")
     queued = sum(1 for name in os.listdir(state / "queue" / "messages") if name.endswith(".json"))
     if queued != messages:
         raise SystemExit(f"relay queued {queued} of {messages} messages; see {log}")
@@ -158,27 +97,18 @@ def main() -> int:
         store.setdefault(key, []).append((perBatch, perChange))
 
     try:
-        postfixPort = freePort()
-        subprocess.run(
-            [str(POSTFIX_PEER), "start", str(postfix), str(postfixPort), str(freePort())],
-            check=True,
-            timeout=120,
-            capture_output=True,
-        )
-        subprocess.run([str(POSTFIX_PEER), "hold", str(postfix)], check=True, timeout=60, capture_output=True)
-        time.sleep(1)
-        relay(1, False)
-        # The disk of a shared machine has fast and slow spells: the two
-        # servers take turns, and medians of the rounds are compared.
-        for _ in range(args.rounds):
-            for reuse in (False, True):
-                relay(args.sessions, reuse)
-                seconds = smtpSource(postfixPort, args.messages, args.sessions, args.size, reuse)
-                key = ("postfix (hold)", "-d" if reuse else "new conn", args.sessions)
-                rates.setdefault(key, []).append(args.messages / seconds)
+        with PostfixPeer(postfix, freePort(), freePort()) as peer:
+            peer.hold()
+            relay(1, False)
+            # The disk of a shared machine has fast and slow spells: the two
+            # servers take turns, and each round's ratio is one sample.
+            for _ in range(args.rounds):
+                for reuse in (False, True):
+                    relay(args.sessions, reuse)
+                    seconds = smtpSource(peer.port, args.messages, args.sessions, args.size, reuse, "sink@localhost")
+                    key = ("postfix (hold)", "-d" if reuse else "new conn", args.sessions)
+                    rates.setdefault(key, []).append(args.messages / seconds)
     finally:
-        if postfix.exists():
-            subprocess.run([str(POSTFIX_PEER), "stop", str(postfix)], timeout=60, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     print(
         f"durable acceptance: {args.messages} messages of {args.size} bytes (smtp-source), fsync before 250, "

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -50,8 +50,18 @@ class RelayService(MultiService):
 
     def stopService(self) -> Any:
         d = maybeDeferred(super().stopService)
+        d.addCallback(lambda _: self._stopBackends())
         d.addCallback(lambda _: self.store.stop())
         return d
+
+    def _stopBackends(self) -> Deferred[Any]:
+        # After the scheduler has stopped: no attempt is running any more.
+        stops = []
+        for name, backend in self.scheduler.router.backends.items():
+            d = maybeDeferred(backend.stop)
+            d.addErrback(lambda f, name=name: self.log.failure("stopping backend {name} failed", f, name=name))
+            stops.append(d)
+        return DeferredList(stops)
 
 
 def _build(

@@ -144,6 +144,8 @@ class MXBackend:
         self.port = port
         self.tls = tls
         self.caFile = caFile
+        self.pool = remote.SessionPool(reactor)
+        self._settings: dict[str, ClientSettings] = {}
 
     def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], openData: Any) -> Any:
         byDomain: dict[str, list[Recipient]] = {}
@@ -154,11 +156,20 @@ class MXBackend:
         d.addCallback(lambda lists: [result for each in lists for result in each])
         return d
 
-    def _settings(self, host: str) -> ClientSettings:
-        if self.tls == "verify":
-            return ClientSettings(self.helo, self.reactor, TLSPolicy.VERIFY, clientOptions(host, True, self.caFile))
-        policy = TLSPolicy.REQUIRED if self.tls == "required" else TLSPolicy.OPPORTUNISTIC
-        return ClientSettings(self.helo, self.reactor, policy, clientOptions(host, verify=False))
+    def settingsFor(self, host: str) -> ClientSettings:
+        settings = self._settings.get(host)
+        if settings is None:
+            if self.tls == "verify":
+                settings = ClientSettings(
+                    self.helo, self.reactor, TLSPolicy.VERIFY, clientOptions(host, True, self.caFile)
+                )
+            else:
+                policy = TLSPolicy.REQUIRED if self.tls == "required" else TLSPolicy.OPPORTUNISTIC
+                settings = ClientSettings(self.helo, self.reactor, policy, clientOptions(host, verify=False))
+            if len(self._settings) > 10_000:
+                self._settings.clear()
+            self._settings[host] = settings
+        return settings
 
     async def _domain(
         self, domain: str, envelope: Envelope, recipients: list[Recipient], openData: Any
@@ -173,7 +184,9 @@ class MXBackend:
             for address in await self.resolver.addresses(exchanger.host):
                 hop = remote.Hop(exchanger.host, address, self.port)
                 try:
-                    outcome = await remote.deliverTo(self.reactor, hop, self._settings(exchanger.host), message)
+                    outcome = await remote.deliverTo(
+                        self.reactor, hop, self.settingsFor(exchanger.host), message, pool=self.pool
+                    )
                 except remote.Unreachable as e:
                     self.log.info("{domain}: {status}; trying the next address", domain=domain, status=str(e.status))
                     last = e.status
@@ -187,7 +200,7 @@ class MXBackend:
         return remote.everyone(recipients, last)
 
     def stop(self) -> None:
-        pass
+        self.pool.close()
 
 
 def _nameservers(text: str) -> list[tuple[str, int]]:

@@ -76,7 +76,80 @@ def _endpoint(reactor: Any, hop: Hop, timeout: float) -> Any:
     return endpoint(reactor, hop.address, hop.port, timeout=timeout)
 
 
-async def _session(reactor: Any, hop: Hop, settings: ClientSettings, message: Outgoing, implicit: Any) -> Outcome:
+class SessionPool:
+    """
+    Sessions kept open after a transaction, for the next message to the same
+    host: it is sent after an RSET, which also proves the session still
+    works.  An idle session is closed with QUIT after C{idle} seconds.
+    """
+
+    def __init__(self, clock: Any, idle: float = 5.0, perHost: int = 20) -> None:
+        self.clock = clock
+        self.idle = idle
+        self.perHost = perHost
+        self._idle: dict[Any, list[tuple[SMTPClient, Any]]] = {}
+
+    def take(self, key: Any) -> SMTPClient | None:
+        sessions = self._idle.get(key)
+        while sessions:
+            client, timer = sessions.pop()
+            if timer.active():
+                timer.cancel()
+            if client.alive:
+                return client
+        return None
+
+    def give(self, key: Any, client: SMTPClient) -> None:
+        sessions = self._idle.setdefault(key, [])
+        if len(sessions) >= self.perHost or not client.alive:
+            run(quitSession(client))
+            return
+
+        def expire() -> None:
+            for i, (each, _) in enumerate(sessions):
+                if each is client:
+                    del sessions[i]
+                    break
+            run(quitSession(client))
+
+        sessions.append((client, self.clock.callLater(self.idle, expire)))
+
+    def close(self) -> None:
+        """QUIT every idle session (the backend is stopping)."""
+        idle, self._idle = self._idle, {}
+        for sessions in idle.values():
+            for client, timer in sessions:
+                if timer.active():
+                    timer.cancel()
+                run(quitSession(client))
+
+
+async def _reused(pool: SessionPool, key: Any, message: Outgoing) -> Outcome | None:
+    client = pool.take(key)
+    while client is not None:
+        try:
+            client.send("RSET")
+            reply = await client.reply(client.settings.commandTimeout)
+            if reply.code == 250:
+                outcome = await transaction(client, message)
+                pool.give(key, client)
+                return outcome
+        except SessionError:
+            pass  # closed meanwhile: another idle one, or a new connection
+        if client.transport is not None:
+            client.transport.abortConnection()
+        client = pool.take(key)
+    return None
+
+
+async def _session(
+    reactor: Any, hop: Hop, settings: ClientSettings, message: Outgoing, implicit: Any, pool: SessionPool | None
+) -> Outcome:
+    key = (hop, settings.tls, settings.username)
+    if pool is not None:
+        outcome = await _reused(pool, key, message)
+        if outcome is not None:
+            return outcome
     endpoint = _endpoint(reactor, hop, CONNECT_TIMEOUT)
     if implicit is not None:
         endpoint = wrapClientTLS(implicit, endpoint)
@@ -95,12 +168,20 @@ async def _session(reactor: Any, hop: Hop, settings: ClientSettings, message: Ou
         if client.transport is not None:
             client.transport.abortConnection()
         raise
-    await quitSession(client)
+    if pool is not None:
+        pool.give(key, client)
+    else:
+        await quitSession(client)
     return outcome
 
 
 async def deliverTo(
-    reactor: Any, hop: Hop, settings: ClientSettings, message: Outgoing, implicit: Any = None
+    reactor: Any,
+    hop: Hop,
+    settings: ClientSettings,
+    message: Outgoing,
+    implicit: Any = None,
+    pool: SessionPool | None = None,
 ) -> Outcome:
     """
     One session with one host.
@@ -110,11 +191,11 @@ async def deliverTo(
     @raise SessionError: the session failed after the greeting.
     """
     try:
-        return await _session(reactor, hop, settings, message, implicit)
+        return await _session(reactor, hop, settings, message, implicit, pool)
     except SessionError as e:
         if e.tlsFailed and settings.tls is TLSPolicy.OPPORTUNISTIC:
             log.info("TLS with {host} failed ({why}); trying again without it", host=hop.name, why=e.status.text)
-            return await _session(reactor, hop, replace(settings, tls=TLSPolicy.NONE), message, implicit)
+            return await _session(reactor, hop, replace(settings, tls=TLSPolicy.NONE), message, implicit, pool)
         raise
 
 

@@ -48,6 +48,7 @@ class SmartHostBackend:
         self.reactor = reactor
         self.hop = remote.Hop(host, host, port)
         self.implicit = tlsOptions if tls == "implicit" else None
+        self.pool = remote.SessionPool(reactor)
         # STARTTLS is required; whether the certificate is checked is in tlsOptions.
         policy = {"none": TLSPolicy.NONE, "starttls": TLSPolicy.REQUIRED, "implicit": TLSPolicy.IMPLICIT}[tls]
         self.settings = ClientSettings(
@@ -62,14 +63,14 @@ class SmartHostBackend:
     ) -> list[DeliveryResult]:
         message = remote.outgoing(envelope, recipients, openData)
         try:
-            outcome = await remote.deliverTo(self.reactor, self.hop, self.settings, message, self.implicit)
+            outcome = await remote.deliverTo(self.reactor, self.hop, self.settings, message, self.implicit, self.pool)
         except (remote.Unreachable, SessionError) as e:
             self.log.info("smart host {host}: {status}", host=self.hop.name, status=str(e.status))
             return remote.everyone(recipients, e.status)
         return remote.results(recipients, outcome)
 
     def stop(self) -> None:
-        pass
+        self.pool.close()
 
 
 def _password(options: Mapping[str, Any]) -> str | None:

@@ -165,6 +165,11 @@ class SMTPClient(Protocol):
         self._lost = Failure(SessionError(_temporary(f"protocol error from server: {why}", "4.5.0")))
         self.transport.abortConnection()
 
+    @property
+    def alive(self) -> bool:
+        """Connected, and nothing has gone wrong: a session that can be reused."""
+        return self._lost is None and self.transport is not None and not self.transport.disconnecting
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._lost is None:
             self._lost = Failure(SessionError(_temporary("connection lost", "4.4.2")))
