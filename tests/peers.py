@@ -96,6 +96,12 @@ class Handler:
 
     rcpt: Callable[[str], str | None] = lambda address: None
     messages: list[Received] = field(default_factory=list)
+    ehlos: int = 0  # one per session (and one more after STARTTLS)
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str, responses: list) -> list:
+        self.ehlos += 1
+        session.host_name = hostname  # the hook owns this when it exists
+        return responses
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
         answer = self.rcpt(address)
@@ -128,6 +134,8 @@ class SMTPPeer:
         port: int | None = None,
         certificate: tuple[Path, Path] | None = None,
         users: dict[str, str] | None = None,
+        implicit: bool = False,
+        brokenTLS: bool = False,
     ) -> None:
         from aiosmtpd.controller import Controller
 
@@ -138,7 +146,15 @@ class SMTPPeer:
         if certificate is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(str(certificate[0]), str(certificate[1]))
-            kwargs.update(tls_context=context, require_starttls=True)
+            if brokenTLS:
+                # Offers STARTTLS, but only a protocol no client here accepts: every handshake fails.
+                context.maximum_version = ssl.TLSVersion.TLSv1_2
+                context.set_ciphers("aNULL:@SECLEVEL=0")  # anonymous only: no client here offers it
+                kwargs.update(tls_context=context, require_starttls=False)
+            elif implicit:
+                kwargs.update(ssl_context=context)
+            else:
+                kwargs.update(tls_context=context, require_starttls=True)
         if users is not None:
 
             def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:

@@ -233,3 +233,56 @@ def test_notify_success_through_a_hop_without_dsn_gets_a_relayed_report(tmp_path
                 assert part.get_payload()[1]["Action"] == "relayed"
     finally:
         r.stop()
+
+
+def test_sessions_are_reused_for_the_next_messages(tmp_path, mxWorld):
+    dns, peer = mxWorld
+    sink = peer()
+    r = relayWith(tmp_path, mxDelivery(dns, sink.port)).start()
+    try:
+        for n in range(3):
+            send(r.port, [f"r{n}@example.test"])
+            assert waitForMessages(sink, n + 1), r.logText()[-3000:]
+        assert sink.handler.ehlos == 1  # one session, RSET between messages
+    finally:
+        r.stop()
+
+
+def test_opportunistic_tls_that_fails_falls_back_to_plain(tmp_path, mxWorld, pki):
+    dns, peer = mxWorld
+    sink = peer(certificate=pki.issue("mx2.example.test"), brokenTLS=True)
+    r = relayWith(tmp_path, mxDelivery(dns, sink.port)).start()
+    try:
+        send(r.port, ["plain@example.test"])
+        assert waitForMessages(sink, 1), r.logText()[-3000:]
+        assert "trying again without it" in r.logText()
+    finally:
+        r.stop()
+
+
+def test_required_tls_that_fails_defers(tmp_path, mxWorld, pki):
+    dns, peer = mxWorld
+    sink = peer(certificate=pki.issue("mx2.example.test"), brokenTLS=True)
+    r = relayWith(tmp_path, mxDelivery(dns, sink.port, tls="required")).start()
+    try:
+        send(r.port, ["secret@example.test"])
+        assert waitFor(lambda: r.logText().count("deferred ") >= 2, 15), r.logText()[-3000:]
+        assert sink.messages == [] and reports(r) == []
+    finally:
+        r.stop()
+
+
+def test_smart_host_with_implicit_tls(tmp_path, pki):
+    peer = SMTPPeer(certificate=pki.issue("localhost"), implicit=True).start()
+    config = (
+        f"[delivery:internet]\nplugin = smarthost\nhost = localhost\nport = {peer.port}\n"
+        f"tls = implicit\nca_file = {pki.ca_file}\n"
+    )
+    r = relayWith(tmp_path, config).start()
+    try:
+        send(r.port, ["far@elsewhere.test"])
+        assert waitForMessages(peer, 1), r.logText()[-3000:]
+        assert peer.messages[0].data.endswith(BODY)
+    finally:
+        r.stop()
+        peer.stop()
