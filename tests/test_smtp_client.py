@@ -258,3 +258,22 @@ def test_body_arrives_byte_identical_at_a_real_server(bodyLines):
         stored = f.read()
     assert stored.startswith(b"Received: ")  # the server's trace header, then the body as sent
     assert stored.endswith(body)
+
+
+def test_rset_only_after_a_transaction_left_open():
+    peer = Scripted()
+    opened(peer, "250-mx", "250 PIPELINING")
+    first = Deferred.fromCoroutine(transaction(peer.client, message("gone@x.test")))
+    assert peer.sent()[0] == "MAIL FROM:<s@example.org>"
+    peer.reply("250 ok", "550 5.1.1 no such user", "554 5.5.1 no valid recipients")
+    assert result(first).statuses["gone@x.test"].code == 550
+    # MAIL was accepted and never ended: the next flight starts with RSET.
+    second = Deferred.fromCoroutine(transaction(peer.client, message("a@x.test")))
+    assert peer.sent() == ["RSET", "MAIL FROM:<s@example.org>", "RCPT TO:<a@x.test>", "DATA"]
+    peer.reply("250 reset", "250 ok", "250 ok", "354 go")
+    peer.transport.clear()
+    peer.reply("250 2.0.0 ok")
+    assert result(second).statuses["a@x.test"].code == 250
+    # That one ended cleanly: no RSET before the third.
+    Deferred.fromCoroutine(transaction(peer.client, message("b@x.test")))
+    assert peer.sent()[0] == "MAIL FROM:<s@example.org>"

@@ -79,8 +79,7 @@ def _endpoint(reactor: Any, hop: Hop, timeout: float) -> Any:
 class SessionPool:
     """
     Sessions kept open after a transaction, for the next message to the same
-    host: it is sent after an RSET, which also proves the session still
-    works.  An idle session is closed with QUIT after C{idle} seconds.
+    host.  An idle session is closed with QUIT after C{idle} seconds.
     """
 
     def __init__(self, clock: Any, idle: float = 5.0, perHost: int = 20) -> None:
@@ -125,20 +124,27 @@ class SessionPool:
 
 
 async def _reused(pool: SessionPool, key: Any, message: Outgoing) -> Outcome | None:
+    """
+    The message over an idle session, if one works.  No RSET first: a
+    transaction that ended with its reply leaves the session clean (RFC 5321
+    4.1.4).  A session the server closed while idle fails before the first
+    reply of the transaction, when nothing can have been accepted: then the
+    next idle session, or a new connection, gets the message.
+    """
     client = pool.take(key)
     while client is not None:
+        before = client.repliesReceived
         try:
-            client.send("RSET")
-            reply = await client.reply(client.settings.commandTimeout)
-            if reply.code == 250:
-                outcome = await transaction(client, message)
-                pool.give(key, client)
-                return outcome
+            outcome = await transaction(client, message)
         except SessionError:
-            pass  # closed meanwhile: another idle one, or a new connection
-        if client.transport is not None:
-            client.transport.abortConnection()
-        client = pool.take(key)
+            if client.transport is not None:
+                client.transport.abortConnection()
+            if client.repliesReceived != before:
+                raise  # the server had answered: this attempt ends here
+            client = pool.take(key)
+            continue
+        pool.give(key, client)
+        return outcome
     return None
 
 

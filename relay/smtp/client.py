@@ -136,6 +136,8 @@ class SMTPClient(Protocol):
         self._lost: Failure | None = None
         self.extensions: dict[str, str] = {}
         self.tls = False
+        self.repliesReceived = 0
+        self.needsReset = False  # a transaction was left open: RSET before the next
 
     # -- transport ---------------------------------------------------------
 
@@ -156,6 +158,7 @@ class SMTPClient(Protocol):
         if len(line) == 3 or line[3] == " ":
             reply = Reply(int(line[:3]), tuple(self._lines))
             self._lines = []
+            self.repliesReceived += 1
             if self._waiting:
                 self._waiting.pop(0).callback(reply)
             else:
@@ -337,6 +340,13 @@ async def transaction(client: SMTPClient, outgoing: Outgoing) -> Outcome:
         outcome.statuses = {r.address: refusal for r in outgoing.recipients}
         return outcome
     pipelining = "PIPELINING" in client.extensions
+    if client.needsReset:
+        # The previous transaction on this session did not reach its end.
+        client.send("RSET")
+        if not pipelining:
+            await client.reply(settings.commandTimeout)
+    reset = client.needsReset and pipelining
+    client.needsReset = True  # until this transaction ends
     commands = [_mailCommand(client, outgoing), *(_rcptCommand(client, r) for r in outgoing.recipients)]
     chunking = "CHUNKING" in client.extensions
     if pipelining:
@@ -345,6 +355,8 @@ async def transaction(client: SMTPClient, outgoing: Outgoing) -> Outcome:
             client.send(command)
         if not chunking:
             client.send("DATA")
+        if reset:
+            await client.reply(settings.commandTimeout)  # RSET's, sent first in the flight
         replies = [await client.reply(settings.commandTimeout) for _ in commands]
     else:
         replies = []
@@ -359,6 +371,7 @@ async def transaction(client: SMTPClient, outgoing: Outgoing) -> Outcome:
         outcome.statuses = {r.address: status for r in outgoing.recipients}
         if pipelining and not chunking:
             await client.reply(settings.dataTimeout)  # DATA's reply (an error)
+        client.needsReset = False  # no transaction was opened
         return outcome
     accepted = []
     for recipient, reply in zip(outgoing.recipients, rcpts, strict=True):
@@ -388,6 +401,7 @@ async def transaction(client: SMTPClient, outgoing: Outgoing) -> Outcome:
     status = end.status("4.5.0" if end.code < 500 else "5.5.0") if end.code != 250 else end.status("2.0.0")
     for recipient in accepted:
         outcome.statuses[recipient.address] = status
+    client.needsReset = False  # the end-of-data reply ends the transaction, whatever it says
     return outcome
 
 

@@ -243,7 +243,7 @@ def test_sessions_are_reused_for_the_next_messages(tmp_path, mxWorld):
         for n in range(3):
             send(r.port, [f"r{n}@example.test"])
             assert waitForMessages(sink, n + 1), r.logText()[-3000:]
-        assert sink.handler.ehlos == 1  # one session, RSET between messages
+        assert sink.handler.ehlos == 1  # one session for the three
     finally:
         r.stop()
 
