@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import dns.exception
+import dns.rdatatype
 import dns.resolver
 from twisted.internet.defer import gatherResults
 from twisted.logger import Logger
@@ -73,11 +74,14 @@ class Resolver:
 
     def _query(self, name: str, rdtype: str) -> tuple[float, Any]:
         """Worker thread: (ttl, rrset or None for no data); raises for NXDOMAIN and failures."""
-        try:
-            answer = self._resolver.resolve(name, rdtype, search=False)
-        except dns.resolver.NoAnswer:
-            return 300.0, None
-        return float(answer.rrset.ttl), answer.rrset
+        answer = self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+        if answer.rrset is not None:
+            return float(answer.rrset.ttl), answer.rrset
+        # No data: cached as the zone's SOA says (RFC 2308), else five minutes.
+        for rrset in answer.response.authority:
+            if rrset.rdtype == dns.rdatatype.SOA:
+                return float(min(rrset.ttl, rrset[0].minimum)), None
+        return 300.0, None
 
     async def lookup(self, name: str, rdtype: str) -> Any:
         key = (name, rdtype)
