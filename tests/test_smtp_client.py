@@ -150,6 +150,16 @@ def test_utf8_envelope_to_a_server_without_smtputf8_bounces_unsent():
     assert (status.code, status.enhanced) == (553, "5.6.7")
 
 
+def test_utf8_domain_alone_goes_as_a_labels_without_smtputf8():
+    peer = Scripted()
+    opened(peer, "250-mx", "250 PIPELINING")
+    d = Deferred.fromCoroutine(transaction(peer.client, message("user@bücher.test")))
+    assert peer.sent()[1] == "RCPT TO:<user@xn--bcher-kva.test>"
+    peer.reply("250 ok", "250 ok", "354 go")
+    peer.reply("250 ok")
+    assert result(d).statuses["user@bücher.test"].code == 250
+
+
 def test_required_tls_not_offered_defers():
     peer = Scripted(tls=TLSPolicy.REQUIRED)
     d = Deferred.fromCoroutine(openSession(peer.client))

@@ -287,6 +287,23 @@ async def openSession(client: SMTPClient) -> None:
     await _auth(client)
 
 
+def _onWire(client: SMTPClient, address: str) -> str | None:
+    """
+    The form of an address this server can take: as it is when it is ASCII or
+    the server offers SMTPUTF8; with the domain in A-labels (IDNA) when only
+    the domain is not ASCII; None when the local part is not ASCII either.
+    """
+    if address.isascii() or "SMTPUTF8" in client.extensions:
+        return address
+    local, _, domain = address.rpartition("@")
+    if not local.isascii():
+        return None
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return None
+
+
 def _mailCommand(client: SMTPClient, outgoing: Outgoing) -> str:
     params = []
     offered = client.extensions
@@ -303,7 +320,7 @@ def _mailCommand(client: SMTPClient, outgoing: Outgoing) -> str:
             params.append(f"RET={outgoing.ret}")
         if outgoing.envid:
             params.append(f"ENVID={encodeXtext(outgoing.envid)}")
-    return " ".join([f"MAIL FROM:<{outgoing.sender}>", *params])
+    return " ".join([f"MAIL FROM:<{_onWire(client, outgoing.sender)}>", *params])
 
 
 def _rcptCommand(client: SMTPClient, recipient: Recipient) -> str:
@@ -314,13 +331,13 @@ def _rcptCommand(client: SMTPClient, recipient: Recipient) -> str:
         if recipient.orcpt:
             kind, _, address = recipient.orcpt.partition(";")
             params.append(f"ORCPT={kind};{encodeXtext(address)}")
-    return " ".join([f"RCPT TO:<{recipient.address}>", *params])
+    return " ".join([f"RCPT TO:<{_onWire(client, recipient.address)}>", *params])
 
 
 def _unsendable(client: SMTPClient, outgoing: Outgoing) -> Status | None:
     """A message this server cannot take, whatever it says: bounce rather than mangle."""
     addresses = [outgoing.sender, *(r.address for r in outgoing.recipients)]
-    if not all(a.isascii() for a in addresses) and "SMTPUTF8" not in client.extensions:
+    if any(_onWire(client, a) is None for a in addresses if a):
         return Status(553, "5.6.7", "next hop does not support SMTPUTF8, which this envelope needs")
     if outgoing.body == "BINARYMIME" and not {"BINARYMIME", "CHUNKING"} <= client.extensions.keys():
         return Status(554, "5.6.3", "next hop does not support BINARYMIME, which this message needs")
