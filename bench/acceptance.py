@@ -26,24 +26,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import PostfixPeer, RelayProcess, freePort, smtpSource
+from common import RELAY_BASE, PostfixPeer, RelayProcess, freePort, smtpSource
 
-CONFIG = """\
-[relay]
-hostname = bench.relay.test
-postmaster = postmaster@localhost
-state_dir = {state}
-
-[listener:smtp]
-endpoint = tcp:{port}:interface=127.0.0.1
-
-[policy]
-local_domains = localhost
-relay_networks = 127.0.0.0/8
-
-[delivery:local]
-plugin = maildir
-
+CONFIG = (
+    RELAY_BASE
+    + """\
 [routes]
 localhost = local
 
@@ -51,6 +38,7 @@ localhost = local
 hold = yes
 {sync}
 """
+)
 
 
 RUNS = itertools.count()

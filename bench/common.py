@@ -19,6 +19,24 @@ ROOT = Path(__file__).resolve().parents[1]
 POSTFIX_PEER = ROOT.parent / "shared" / "tools" / "postfix-peer"
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
+# What every benchmarked relay has; each bench adds its routes and the rest.
+RELAY_BASE = """\
+[relay]
+hostname = bench.relay.test
+postmaster = postmaster@localhost
+state_dir = {state}
+
+[listener:smtp]
+endpoint = tcp:{port}:interface=127.0.0.1
+
+[policy]
+local_domains = localhost
+relay_networks = 127.0.0.0/8
+
+[delivery:local]
+plugin = maildir
+"""
+
 
 def freePort() -> int:
     with socket.socket() as s:

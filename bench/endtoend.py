@@ -26,24 +26,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import PostfixPeer, RelayProcess, freePort, smtpSource, tool, waitListening
+from common import RELAY_BASE, PostfixPeer, RelayProcess, freePort, smtpSource, tool, waitListening
 
-CONFIG = """\
-[relay]
-hostname = bench.relay.test
-postmaster = postmaster@localhost
-state_dir = {state}
-
-[listener:smtp]
-endpoint = tcp:{port}:interface=127.0.0.1
-
-[policy]
-local_domains = localhost
-relay_networks = 127.0.0.0/8
-
-[delivery:local]
-plugin = maildir
-
+CONFIG = (
+    RELAY_BASE
+    + """\
 [delivery:sink]
 plugin = smarthost
 host = 127.0.0.1
@@ -54,6 +41,7 @@ tls = none
 localhost = local
 * = sink
 """
+)
 
 RUNS = itertools.count()
 

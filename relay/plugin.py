@@ -10,7 +10,7 @@ the configuration.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,3 +89,23 @@ def checkKeys(factory: Any, options: Mapping[str, str]) -> None:
         if key not in allowed:
             hint = ", ".join(sorted(allowed)) or "none"
             raise OptionError(key, f"unknown key for plugin {factory.name!r} (it takes: {hint})")
+
+
+def portOption(options: Mapping[str, str], key: str = "port", default: int = 25) -> int:
+    """A TCP port from a plugin's options; L{OptionError} naming C{key} if it is not one."""
+    text = options.get(key, str(default))
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise OptionError(key, f"bad port {text!r} (1 to 65535)")
+    return port
+
+
+def choiceOption(options: Mapping[str, str], key: str, choices: Sequence[str]) -> str:
+    """One of C{choices} (the first is the default); L{OptionError} naming C{key} otherwise."""
+    value = (options.get(key) or choices[0]).strip()
+    if value not in choices:
+        raise OptionError(key, f"must be one of {', '.join(choices)}, not {value!r}")
+    return value

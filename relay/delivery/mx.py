@@ -31,6 +31,7 @@ from relay.delivery import remote
 from relay.envelope import DeliveryResult, Envelope, Recipient, Status
 from relay.errors import OptionError
 from relay.interfaces import IDeliveryBackend
+from relay.plugin import choiceOption, portOption
 from relay.smtp.client import ClientSettings, SessionError, TLSPolicy
 from relay.smtp.tls import TLSError, clientOptions
 
@@ -222,15 +223,8 @@ def _nameservers(text: str) -> list[tuple[str, int]]:
 
 
 def fromOptions(options: Mapping[str, Any], context: Any) -> MXBackend:
-    try:
-        port = int(options.get("port", "25"))
-        if not 0 < port < 65536:
-            raise ValueError
-    except ValueError:
-        raise OptionError("port", f"bad port {options.get('port')!r}") from None
-    tls = (options.get("tls") or "opportunistic").strip()
-    if tls not in TLS_MODES:
-        raise OptionError("tls", f"must be one of {', '.join(TLS_MODES)}, not {tls!r}")
+    port = portOption(options)
+    tls = choiceOption(options, "tls", TLS_MODES)
     caFile = Path(options["ca_file"]) if options.get("ca_file") else None
     if caFile is not None:
         try:

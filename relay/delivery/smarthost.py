@@ -24,10 +24,11 @@ from relay.delivery import remote
 from relay.envelope import DeliveryResult, Envelope, Recipient
 from relay.errors import OptionError
 from relay.interfaces import IDeliveryBackend
+from relay.plugin import choiceOption, portOption
 from relay.smtp.client import ClientSettings, SessionError, TLSPolicy
 from relay.smtp.tls import TLSError, clientOptions
 
-TLS_MODES = ("none", "starttls", "implicit")
+TLS_MODES = ("starttls", "implicit", "none")  # the first is the default
 
 
 @implementer(IDeliveryBackend)
@@ -88,18 +89,9 @@ def fromOptions(options: Mapping[str, Any], context: Any) -> SmartHostBackend:
     host = (options.get("host") or "").strip()
     if not host:
         raise OptionError("host", "required: the smart host's name or address")
-    try:
-        port = int(options.get("port", "25"))
-        if not 0 < port < 65536:
-            raise ValueError
-    except ValueError:
-        raise OptionError("port", f"bad port {options.get('port')!r}") from None
-    tls = (options.get("tls") or "starttls").strip()
-    if tls not in TLS_MODES:
-        raise OptionError("tls", f"must be one of {', '.join(TLS_MODES)}, not {tls!r}")
-    verify = (options.get("verify") or "yes").strip().lower()
-    if verify not in ("yes", "no"):
-        raise OptionError("verify", f"must be yes or no, not {verify!r}")
+    port = portOption(options)
+    tls = choiceOption(options, "tls", TLS_MODES)
+    verify = choiceOption(options, "verify", ("yes", "no"))
     username = options.get("username")
     password = _password(options)
     if (username is None) != (password is None):

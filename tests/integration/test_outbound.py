@@ -56,10 +56,10 @@ NULL_MX_ZONE = """\
 """
 
 
-def relayWith(tmp_path: Path, delivery: str) -> Relay:
+def relayWith(relay, tmp_path: Path, delivery: str) -> Relay:
+    """A started relay (the fixture stops it) with one more [delivery:internet] section."""
     port = freePort()
-    config = BASE.format(state=tmp_path / "var", port=port, delivery=delivery)
-    return Relay(tmp_path, config=config, port=port)
+    return relay(config=BASE.format(state=tmp_path / "var", port=port, delivery=delivery), port=port).start()
 
 
 def send(port: int, recipients: list[str], sender: str = "sender@localhost", body: bytes = BODY) -> None:
@@ -82,19 +82,24 @@ def statuses(report: email.message.Message) -> dict[str, str]:
 
 
 @pytest.fixture
-def mxWorld(tmp_path):
-    """A DNS server for example.test (MX 10 → 127.0.0.2, nothing there; MX 20 → 127.0.0.1) and a peer."""
-    dns = DNSServer(tmp_path, {"example.test": EXAMPLE_ZONE, "nullmx.test": NULL_MX_ZONE}).start()
-    peers: list[SMTPPeer] = []
+def smtpPeers():
+    """Start aiosmtpd peers; all are stopped after the test."""
+    started: list[SMTPPeer] = []
 
     def peer(handler: Handler | None = None, **kwargs) -> SMTPPeer:
-        started = SMTPPeer(handler, **kwargs).start()
-        peers.append(started)
-        return started
+        started.append(SMTPPeer(handler, **kwargs).start())
+        return started[-1]
 
-    yield dns, peer
-    for each in peers:
+    yield peer
+    for each in started:
         each.stop()
+
+
+@pytest.fixture
+def mxWorld(tmp_path, smtpPeers):
+    """A DNS server for example.test (MX 10 → 127.0.0.2, nothing there; MX 20 → 127.0.0.1) and peers."""
+    dns = DNSServer(tmp_path, {"example.test": EXAMPLE_ZONE, "nullmx.test": NULL_MX_ZONE}).start()
+    yield dns, smtpPeers
     dns.stop()
 
 
@@ -102,38 +107,32 @@ def mxDelivery(dns: DNSServer, port: int, tls: str = "opportunistic") -> str:
     return f"[delivery:internet]\nplugin = mx\nport = {port}\ntls = {tls}\nnameservers = 127.0.0.1:{dns.port}\n"
 
 
-def test_first_mx_down_second_gets_it_byte_identical(tmp_path, mxWorld):
+def test_first_mx_down_second_gets_it_byte_identical(relay, tmp_path, mxWorld):
     dns, peer = mxWorld
     sink = peer()
-    r = relayWith(tmp_path, mxDelivery(dns, sink.port)).start()
-    try:
-        send(r.port, ["someone@example.test"])
-        assert waitForMessages(sink, 1), r.logText()[-3000:]
-        [message] = sink.messages
-        assert message.recipients == ["someone@example.test"]
-        assert message.data.endswith(BODY)
-        assert message.data.startswith(b"Received: ")
-        assert waitFor(lambda: "delivered " in r.logText(), 5)
-        assert "127.0.0.2" in r.logText()  # the first MX was tried, and refused
-    finally:
-        r.stop()
+    r = relayWith(relay, tmp_path, mxDelivery(dns, sink.port))
+    send(r.port, ["someone@example.test"])
+    assert waitForMessages(sink, 1), r.logText()[-3000:]
+    [message] = sink.messages
+    assert message.recipients == ["someone@example.test"]
+    assert message.data.endswith(BODY)
+    assert message.data.startswith(b"Received: ")
+    assert waitFor(lambda: "delivered " in r.logText(), 5)
+    assert "127.0.0.2" in r.logText()  # the first MX was tried, and refused
 
 
-def test_one_of_three_refused_two_delivered_one_bounced(tmp_path, mxWorld):
+def test_one_of_three_refused_two_delivered_one_bounced(relay, tmp_path, mxWorld):
     dns, peer = mxWorld
     sink = peer(Handler(rcpt=lambda a: "550 5.1.1 no such user" if a.startswith("ghost@") else None))
-    r = relayWith(tmp_path, mxDelivery(dns, sink.port)).start()
-    try:
-        send(r.port, ["a@example.test", "ghost@example.test", "b@example.test"])
-        assert waitForMessages(sink, 1), r.logText()[-3000:]
-        assert sink.messages[0].recipients == ["a@example.test", "b@example.test"]
-        assert waitFor(lambda: len(reports(r)) == 1, 10), r.logText()[-3000:]
-        assert statuses(reports(r)[0]) == {"ghost@example.test": "5.1.1"}
-    finally:
-        r.stop()
+    r = relayWith(relay, tmp_path, mxDelivery(dns, sink.port))
+    send(r.port, ["a@example.test", "ghost@example.test", "b@example.test"])
+    assert waitForMessages(sink, 1), r.logText()[-3000:]
+    assert sink.messages[0].recipients == ["a@example.test", "b@example.test"]
+    assert waitFor(lambda: len(reports(r)) == 1, 10), r.logText()[-3000:]
+    assert statuses(reports(r)[0]) == {"ghost@example.test": "5.1.1"}
 
 
-def test_temporary_refusal_is_retried_and_delivered(tmp_path, mxWorld):
+def test_temporary_refusal_is_retried_and_delivered(relay, tmp_path, mxWorld):
     dns, peer = mxWorld
     seen: list[str] = []
 
@@ -142,28 +141,22 @@ def test_temporary_refusal_is_retried_and_delivered(tmp_path, mxWorld):
         return "451 4.2.1 try again later" if len(seen) == 1 else None
 
     sink = peer(Handler(rcpt=onceBusy))
-    r = relayWith(tmp_path, mxDelivery(dns, sink.port)).start()
-    try:
-        send(r.port, ["later@example.test"])
-        assert waitForMessages(sink, 1, timeout=20), r.logText()[-3000:]
-        assert len(seen) == 2
-        assert "deferred " in r.logText()
-        assert reports(r) == []
-    finally:
-        r.stop()
+    r = relayWith(relay, tmp_path, mxDelivery(dns, sink.port))
+    send(r.port, ["later@example.test"])
+    assert waitForMessages(sink, 1, timeout=20), r.logText()[-3000:]
+    assert len(seen) == 2
+    assert "deferred " in r.logText()
+    assert reports(r) == []
 
 
-def test_null_mx_bounces_with_5_1_10(tmp_path, mxWorld):
+def test_null_mx_bounces_with_5_1_10(relay, tmp_path, mxWorld):
     dns, peer = mxWorld
     sink = peer()
-    r = relayWith(tmp_path, mxDelivery(dns, sink.port)).start()
-    try:
-        send(r.port, ["nobody@nullmx.test"])
-        assert waitFor(lambda: len(reports(r)) == 1, 10), r.logText()[-3000:]
-        assert statuses(reports(r)[0]) == {"nobody@nullmx.test": "5.1.10"}
-        assert sink.messages == []
-    finally:
-        r.stop()
+    r = relayWith(relay, tmp_path, mxDelivery(dns, sink.port))
+    send(r.port, ["nobody@nullmx.test"])
+    assert waitFor(lambda: len(reports(r)) == 1, 10), r.logText()[-3000:]
+    assert statuses(reports(r)[0]) == {"nobody@nullmx.test": "5.1.10"}
+    assert sink.messages == []
 
 
 def smartHost(peerPort: int, pki: PKI | None, tmp_path: Path, password: str = "secret", verify: str = "yes") -> str:
@@ -177,112 +170,84 @@ def smartHost(peerPort: int, pki: PKI | None, tmp_path: Path, password: str = "s
     return "\n".join(lines) + "\n"
 
 
-def test_smart_host_with_starttls_and_auth(tmp_path, pki):
-    peer = SMTPPeer(certificate=pki.issue("localhost"), users={"relayuser": "secret"}).start()
-    r = relayWith(tmp_path, smartHost(peer.port, pki, tmp_path)).start()
-    try:
-        send(r.port, ["far@elsewhere.test"])
-        assert waitForMessages(peer, 1), r.logText()[-3000:]
-        assert peer.messages[0].data.endswith(BODY)
-    finally:
-        r.stop()
-        peer.stop()
+def test_smart_host_with_starttls_and_auth(relay, tmp_path, pki, smtpPeers):
+    peer = smtpPeers(certificate=pki.issue("localhost"), users={"relayuser": "secret"})
+    r = relayWith(relay, tmp_path, smartHost(peer.port, pki, tmp_path))
+    send(r.port, ["far@elsewhere.test"])
+    assert waitForMessages(peer, 1), r.logText()[-3000:]
+    assert peer.messages[0].data.endswith(BODY)
 
 
-def test_smart_host_wrong_password_defers_not_bounces(tmp_path, pki):
-    peer = SMTPPeer(certificate=pki.issue("localhost"), users={"relayuser": "secret"}).start()
-    r = relayWith(tmp_path, smartHost(peer.port, pki, tmp_path, password="wrong")).start()
-    try:
-        send(r.port, ["far@elsewhere.test"])
-        assert waitFor(lambda: r.logText().count("deferred ") >= 2, 15), r.logText()[-3000:]
-        assert "AUTH refused" in r.logText()
-        assert peer.messages == [] and reports(r) == []
-    finally:
-        r.stop()
-        peer.stop()
+def test_smart_host_wrong_password_defers_not_bounces(relay, tmp_path, pki, smtpPeers):
+    peer = smtpPeers(certificate=pki.issue("localhost"), users={"relayuser": "secret"})
+    r = relayWith(relay, tmp_path, smartHost(peer.port, pki, tmp_path, password="wrong"))
+    send(r.port, ["far@elsewhere.test"])
+    assert waitFor(lambda: r.logText().count("deferred ") >= 2, 15), r.logText()[-3000:]
+    assert "AUTH refused" in r.logText()
+    assert peer.messages == [] and reports(r) == []
 
 
-def test_smart_host_certificate_for_another_name_defers(tmp_path, pki):
-    peer = SMTPPeer(certificate=pki.issue("other.example"), users={"relayuser": "secret"}).start()
-    r = relayWith(tmp_path, smartHost(peer.port, pki, tmp_path)).start()
-    try:
-        send(r.port, ["far@elsewhere.test"])
-        assert waitFor(lambda: r.logText().count("deferred ") >= 2, 15), r.logText()[-3000:]
-        assert peer.messages == [] and reports(r) == []
-    finally:
-        r.stop()
-        peer.stop()
+def test_smart_host_certificate_for_another_name_defers(relay, tmp_path, pki, smtpPeers):
+    peer = smtpPeers(certificate=pki.issue("other.example"), users={"relayuser": "secret"})
+    r = relayWith(relay, tmp_path, smartHost(peer.port, pki, tmp_path))
+    send(r.port, ["far@elsewhere.test"])
+    assert waitFor(lambda: r.logText().count("deferred ") >= 2, 15), r.logText()[-3000:]
+    assert peer.messages == [] and reports(r) == []
 
 
-def test_notify_success_through_a_hop_without_dsn_gets_a_relayed_report(tmp_path, mxWorld):
+def test_notify_success_through_a_hop_without_dsn_gets_a_relayed_report(relay, tmp_path, mxWorld):
     dns, peer = mxWorld
     sink = peer()  # aiosmtpd does not offer DSN
-    r = relayWith(tmp_path, mxDelivery(dns, sink.port)).start()
-    try:
-        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as client:
-            client.ehlo("client.test")
-            client.mail("sender@localhost")
-            assert client.rcpt("tracked@example.test", options=["NOTIFY=SUCCESS"])[0] == 250
-            assert client.data(BODY)[0] == 250
-        assert waitForMessages(sink, 1), r.logText()[-3000:]
-        assert waitFor(lambda: len(reports(r)) == 1, 10), r.logText()[-3000:]
-        [report] = reports(r)
-        assert "Relayed" in report["Subject"]
-        for part in report.walk():
-            if part.get_content_type() == "message/delivery-status":
-                assert part.get_payload()[1]["Action"] == "relayed"
-    finally:
-        r.stop()
+    r = relayWith(relay, tmp_path, mxDelivery(dns, sink.port))
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as client:
+        client.ehlo("client.test")
+        client.mail("sender@localhost")
+        assert client.rcpt("tracked@example.test", options=["NOTIFY=SUCCESS"])[0] == 250
+        assert client.data(BODY)[0] == 250
+    assert waitForMessages(sink, 1), r.logText()[-3000:]
+    assert waitFor(lambda: len(reports(r)) == 1, 10), r.logText()[-3000:]
+    [report] = reports(r)
+    assert "Relayed" in report["Subject"]
+    for part in report.walk():
+        if part.get_content_type() == "message/delivery-status":
+            assert part.get_payload()[1]["Action"] == "relayed"
 
 
-def test_sessions_are_reused_for_the_next_messages(tmp_path, mxWorld):
+def test_sessions_are_reused_for_the_next_messages(relay, tmp_path, mxWorld):
     dns, peer = mxWorld
     sink = peer()
-    r = relayWith(tmp_path, mxDelivery(dns, sink.port)).start()
-    try:
-        for n in range(3):
-            send(r.port, [f"r{n}@example.test"])
-            assert waitForMessages(sink, n + 1), r.logText()[-3000:]
-        assert sink.handler.ehlos == 1  # one session for the three
-    finally:
-        r.stop()
+    r = relayWith(relay, tmp_path, mxDelivery(dns, sink.port))
+    for n in range(3):
+        send(r.port, [f"r{n}@example.test"])
+        assert waitForMessages(sink, n + 1), r.logText()[-3000:]
+    assert sink.handler.ehlos == 1  # one session for the three
 
 
-def test_opportunistic_tls_that_fails_falls_back_to_plain(tmp_path, mxWorld, pki):
+def test_opportunistic_tls_that_fails_falls_back_to_plain(relay, tmp_path, mxWorld, pki):
     dns, peer = mxWorld
     sink = peer(certificate=pki.issue("mx2.example.test"), brokenTLS=True)
-    r = relayWith(tmp_path, mxDelivery(dns, sink.port)).start()
-    try:
-        send(r.port, ["plain@example.test"])
-        assert waitForMessages(sink, 1), r.logText()[-3000:]
-        assert "trying again without it" in r.logText()
-    finally:
-        r.stop()
+    r = relayWith(relay, tmp_path, mxDelivery(dns, sink.port))
+    send(r.port, ["plain@example.test"])
+    assert waitForMessages(sink, 1), r.logText()[-3000:]
+    assert "trying again without it" in r.logText()
 
 
-def test_required_tls_that_fails_defers(tmp_path, mxWorld, pki):
+def test_required_tls_that_fails_defers(relay, tmp_path, mxWorld, pki):
     dns, peer = mxWorld
     sink = peer(certificate=pki.issue("mx2.example.test"), brokenTLS=True)
-    r = relayWith(tmp_path, mxDelivery(dns, sink.port, tls="required")).start()
-    try:
-        send(r.port, ["secret@example.test"])
-        assert waitFor(lambda: r.logText().count("deferred ") >= 2, 15), r.logText()[-3000:]
-        assert sink.messages == [] and reports(r) == []
-    finally:
-        r.stop()
+    r = relayWith(relay, tmp_path, mxDelivery(dns, sink.port, tls="required"))
+    send(r.port, ["secret@example.test"])
+    assert waitFor(lambda: r.logText().count("deferred ") >= 2, 15), r.logText()[-3000:]
+    assert sink.messages == [] and reports(r) == []
 
 
-def test_smart_host_with_implicit_tls(tmp_path, pki):
-    peer = SMTPPeer(certificate=pki.issue("localhost"), implicit=True).start()
+def test_smart_host_with_implicit_tls(relay, tmp_path, pki, smtpPeers):
+    peer = smtpPeers(certificate=pki.issue("localhost"), implicit=True)
     config = (
         f"[delivery:internet]\nplugin = smarthost\nhost = localhost\nport = {peer.port}\n"
         f"tls = implicit\nca_file = {pki.ca_file}\n"
     )
-    r = relayWith(tmp_path, config).start()
-    try:
-        send(r.port, ["far@elsewhere.test"])
-        assert waitForMessages(peer, 1), r.logText()[-3000:]
-        assert peer.messages[0].data.endswith(BODY)
-    finally:
-        r.stop()
-        peer.stop()
+    r = relayWith(relay, tmp_path, config)
+    send(r.port, ["far@elsewhere.test"])
+    assert waitForMessages(peer, 1), r.logText()[-3000:]
+    assert peer.messages[0].data.endswith(BODY)
