@@ -6,8 +6,9 @@ the queue (relay: its queue directory is empty; Postfix: its spool is), so it
 covers acceptance with fsync, the queue, and delivery over SMTP.
 
 relay delivers through its smarthost backend to the sink; Postfix through its
-relayhost.  The servers take turns, round after round; each round's ratio is
-one sample and their median is the figure.
+relayhost.  After an unmeasured warm-up run of each, the servers take turns,
+round after round; each round's ratio is one sample and their median is the
+figure.
 
     .venv/bin/python bench/endtoend.py [--messages 2000] [--sessions 20] [--size 2048] [--rounds 3]
 """
@@ -95,6 +96,9 @@ def main() -> int:
     try:
         waitListening(sinkPort)
         with PostfixPeer(work / "postfix", freePort(), sinkPort) as peer:
+            warmUp = argparse.Namespace(**{**vars(args), "messages": 500})
+            relayRun(work, sinkPort, warmUp, False)  # not measured: start-up work falls here
+            postfixRun(peer, warmUp, False)
             for _ in range(args.rounds):
                 for reuse in (False, True):
                     mode = "-d" if reuse else "new conn"
