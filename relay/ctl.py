@@ -95,6 +95,25 @@ def passwd(args: argparse.Namespace) -> int:
     return 0
 
 
+def plugins(args: argparse.Namespace) -> int:
+    """What twisted.plugin finds, built-in and third-party alike, with the keys each takes."""
+    from relay import plugin
+    from relay.interfaces import IDeliveryBackendFactory, IQueueStoreFactory, IRecipientValidatorFactory
+
+    kinds = (
+        ("validators ([validator:NAME] plugin = ...)", IRecipientValidatorFactory),
+        ("delivery backends ([delivery:NAME] plugin = ...)", IDeliveryBackendFactory),
+        ("queue stores ([queue] store = ...)", IQueueStoreFactory),
+    )
+    for title, interface in kinds:
+        print(title)
+        for name, factory in sorted(plugin.available(interface).items()):
+            print(f"  {name}: {getattr(factory, 'description', '')}")
+            for key, text in getattr(factory, "keys", {}).items():
+                print(f"      {key} -- {text}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relayctl", description="Manage a relay.")
     parser.add_argument("--config", default="etc/relay.ini", help="configuration file (default: etc/relay.ini)")
@@ -109,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     remove = actions.add_parser("remove", help="remove a user")
     remove.add_argument("user")
     actions.add_parser("list", help="list users")
+    found = commands.add_parser("plugins", help="list the plugins found, with their keys")
+    found.set_defaults(run=plugins)
     return parser
 
 
@@ -119,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     except CtlError as e:
         sys.stderr.write(f"relayctl: {e}\n")
         return e.status
+    except BrokenPipeError:
+        return 0  # the reader (head, less) has seen enough
     except OSError as e:
         sys.stderr.write(f"relayctl: {e}\n")
         return 1

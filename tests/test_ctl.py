@@ -80,3 +80,14 @@ def test_installed_command(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert bcrypt.checkpw(b"secret", readPasswords(pw)["alice"].encode())
+
+
+def test_plugins_lists_every_kind_with_keys(capsys):
+    from relay.ctl import main
+
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    for name in ("static", "maildir", "smarthost", "mx", "filesystem"):
+        assert f"  {name}: " in out
+    assert "      nameservers -- " in out  # a key of mx, with its description
+    assert out.index("validators") < out.index("delivery backends") < out.index("queue stores")
