@@ -56,12 +56,29 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "listener": ("endpoint", "tls", "auth", "plaintext_auth", "proxy_protocol"),
     "tls": ("certificate", "private_key"),
     "auth": ("passwords",),
-    "policy": ("local_domains", "relay_networks", "max_message_size", "max_recipients", "validators"),
+    "policy": (
+        "local_domains",
+        "relay_networks",
+        "max_message_size",
+        "max_recipients",
+        "validators",
+        "validator_timeout",
+    ),
     "control": ("endpoint",),
     "metrics": ("endpoint",),
 }
 _OPEN = ("validator", "delivery", "queue", "routes")
-_QUEUE_KEYS = ("store", "path", "retry", "max_age", "warn_after", "hold", "concurrency", "destination_concurrency")
+_QUEUE_KEYS = (
+    "store",
+    "path",
+    "retry",
+    "max_age",
+    "warn_after",
+    "hold",
+    "concurrency",
+    "destination_concurrency",
+    "delivery_timeout",
+)
 _NAMED = ("listener", "validator", "delivery")
 _KNOWN = "relay, listener:NAME, tls, auth, policy, validator:NAME, queue, delivery:NAME, routes, control, metrics"
 
@@ -163,6 +180,7 @@ class QueueSettings:
     hold: bool = False
     concurrency: int = 100
     destination_concurrency: int = 20
+    delivery_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -185,6 +203,7 @@ class Settings:
     routes: tuple[tuple[str, str], ...]
     control_endpoint: str | None
     metrics_endpoint: str | None
+    validator_timeout: float = 30.0
     _table: Mapping[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -484,6 +503,7 @@ def load(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = Non
     max_recipients = r.convert("policy", "max_recipients", "1000", _count)
     if max_recipients < 1:
         raise r.error("policy", "max_recipients", "must be at least 1")
+    validatorTimeout = r.convert("policy", "validator_timeout", "30s", _positive(parse_duration, "validator_timeout"))
 
     validatorSections = r.named("validator")
     named = _words(r.get("policy", "validators", "") or "")
@@ -515,6 +535,7 @@ def load(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = Non
         destination_concurrency=r.convert(
             "queue", "destination_concurrency", "20", _positive(_count, "destination_concurrency")
         ),
+        delivery_timeout=r.convert("queue", "delivery_timeout", "10m", _positive(parse_duration, "delivery_timeout")),
         options=MappingProxyType({k: v for k, v in queueValues.items() if k not in _QUEUE_KEYS}),
     )
 
@@ -542,6 +563,7 @@ def load(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = Non
         routes=routes,
         control_endpoint=control,
         metrics_endpoint=metrics,
+        validator_timeout=validatorTimeout,
     )
     for domain in local_words:
         if settings.route(domain) is None:

@@ -145,11 +145,19 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         hold=queue.hold,
         concurrency=queue.concurrency,
         destinationConcurrency=queue.destination_concurrency,
+        attemptTimeout=queue.delivery_timeout,
     )
     top = RelayService(settings, store, scheduler)
     scheduler.setServiceParent(top)
 
-    policy = Policy(settings.local_domains, settings.relay_networks, settings.route, validators, reactor)
+    policy = Policy(
+        settings.local_domains,
+        settings.relay_networks,
+        settings.route,
+        validators,
+        reactor,
+        validatorTimeout=settings.validator_timeout,
+    )
     base = ServerSettings(
         hostname=settings.hostname,
         postmaster=settings.postmaster,

@@ -107,8 +107,15 @@ class Relay:
     """One twistd process running relay in its own directory."""
 
     def __init__(
-        self, workdir: Path, config: str | None = None, port: int | None = None, retry: str = "1m", queue: str = ""
+        self,
+        workdir: Path,
+        config: str | None = None,
+        port: int | None = None,
+        retry: str = "1m",
+        queue: str = "",
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.env = {**os.environ, **(env or {})}
         self.workdir = workdir
         self.port = port or freePort()
         self.state = workdir / "var"
@@ -124,7 +131,12 @@ class Relay:
 
     def start(self, timeout: float = 20.0) -> Relay:
         self.proc = subprocess.Popen(
-            self.command(), cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+            self.command(),
+            cwd=self.workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
         )
         ok = waitFor(lambda: self.proc.poll() is not None or listening(self.port), timeout)
         if not ok or self.proc.poll() is not None:

@@ -92,7 +92,8 @@ def test_minimal_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert q.max_age == 5 * 86400
     assert q.warn_after == 4 * 3600
     assert q.hold is False
-    assert (q.concurrency, q.destination_concurrency) == (100, 20)
+    assert (q.concurrency, q.destination_concurrency, q.delivery_timeout) == (100, 20, 600)
+    assert s.validator_timeout == 30
     assert dict(q.options) == {}
     assert dict(s.deliveries) == {"local": PluginSection("delivery:local", "local", "maildir", MappingProxyType({}))}
     assert s.routes == (("localhost", "local"),)
@@ -547,6 +548,7 @@ def test_error_message_format(tmp_path: Path) -> None:
         ("[queue]\nmax_age = 5 days\n", "queue", "max_age", "bad duration"),
         ("[queue]\nwarn_after = -1h\n", "queue", "warn_after", "bad duration"),
         ("[queue]\nhold = perhaps\n", "queue", "hold", "bad boolean"),
+        ("[queue]\ndelivery_timeout = 0\n", "queue", "delivery_timeout", "more than zero"),
         ("[queue]\nconcurrency = 0\n", "queue", "concurrency", "more than zero"),
         ("[queue]\ndestination_concurrency = many\n", "queue", "destination_concurrency", "bad number"),
         # routes
