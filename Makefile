@@ -17,8 +17,13 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+# The example plugins are installed as a user would, from their own
+# directories; the integration tests run a relay with them.
+EXAMPLES := examples/relay-http-backend examples/relay-sqlite-validator
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed $(shell find $(EXAMPLES) -name '*.py' -o -name pyproject.toml)
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q $(addprefix ./,$(EXAMPLES))
 	touch $@
 
 run: $(VENV)/.installed

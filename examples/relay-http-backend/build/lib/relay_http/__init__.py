@@ -1,0 +1,1 @@
+"""A delivery backend for relay: each message is POSTed to an HTTP endpoint."""

@@ -1,0 +1,1 @@
+"""A recipient validator for relay: valid mailboxes are rows of an SQLite table."""
