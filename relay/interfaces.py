@@ -34,7 +34,7 @@ class IPluginFactory(Interface):
     """
 
     name = Attribute("The name the configuration uses: C{plugin = NAME}. Unique per interface.")
-    description = Attribute("One line for C{--help-plugins}.")
+    description = Attribute("One line for C{relayctl plugins}.")
     keys = Attribute(
         "Mapping of each configuration key the plugin accepts to one line of help. "
         "The configuration layer refuses any key not listed here, naming file, "
