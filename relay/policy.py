@@ -52,6 +52,7 @@ class Policy:
         validators: Sequence[tuple[str, Any]],
         clock: Any,
         validatorTimeout: float = 30.0,
+        metrics: Any = None,
     ) -> None:
         self.localDomains = localDomains
         self.relayNetworks = tuple(relayNetworks)
@@ -59,6 +60,7 @@ class Policy:
         self.validators = tuple(validators)
         self._clock = clock
         self._timeout = validatorTimeout
+        self.metrics = metrics
         self._mayRelay: dict[str, bool] = {}  # address -> in relay_networks: checked per session and RCPT
 
     def isLocal(self, domain: str) -> bool:
@@ -99,6 +101,8 @@ class Policy:
                     raise TypeError(f"validator returned {verdict!r}, not a Verdict")
             except Exception:
                 self.log.failure("validator {validator} failed for {address}", validator=name, address=address)
+                if self.metrics is not None:
+                    self.metrics.pluginFailed("validator", name)
                 return VALIDATOR_FAILED
             if verdict.decision is Decision.CONTINUE:
                 continue

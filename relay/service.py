@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.web.server import Site
 from zope.interface.interface import InterfaceClass
 
 from relay import plugin
@@ -24,6 +25,7 @@ from relay.config import Settings
 from relay.delivery.router import Router
 from relay.errors import ConfigError, OptionError
 from relay.interfaces import IDeliveryBackendFactory, IQueueStoreFactory, IRecipientValidatorFactory
+from relay.metrics import Metrics
 from relay.policy import Policy
 from relay.queue.scheduler import Scheduler
 from relay.smtp.auth import PasswordFile, makePortal
@@ -134,6 +136,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         name: _build(settings, IDeliveryBackendFactory, section.plugin, section.options, context(section.section))
         for name, section in settings.deliveries.items()
     }
+    metrics = Metrics()
     scheduler = Scheduler(
         store,
         Router(settings.route, backends),
@@ -146,7 +149,9 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         concurrency=queue.concurrency,
         destinationConcurrency=queue.destination_concurrency,
         attemptTimeout=queue.delivery_timeout,
+        metrics=metrics,
     )
+    metrics.queued.set_function(scheduler.queued)
     top = RelayService(settings, store, scheduler)
     scheduler.setServiceParent(top)
 
@@ -157,6 +162,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         validators,
         reactor,
         validatorTimeout=settings.validator_timeout,
+        metrics=metrics,
     )
     base = ServerSettings(
         hostname=settings.hostname,
@@ -165,7 +171,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         maxRecipients=settings.max_recipients,
         policy=policy,
         store=store,
-        onAccepted=scheduler.enqueue,
+        onAccepted=lambda envelope: (metrics.accepted.inc(), scheduler.enqueue(envelope)),
         clock=reactor,
     )
     tlsOptions = _tlsOptions(settings)
@@ -187,5 +193,11 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         endpoint = serverFromString(reactor, listener.endpoint)
         service = StreamServerEndpointService(endpoint, factory)
         service.setName(f"listener:{listener.name}")
+        service.setServiceParent(top)
+    if settings.metrics_endpoint is not None:
+        site = Site(metrics.resource())
+        site.noisy = False
+        service = StreamServerEndpointService(serverFromString(reactor, settings.metrics_endpoint), site)
+        service.setName("metrics")
         service.setServiceParent(top)
     return top

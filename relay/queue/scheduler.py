@@ -53,6 +53,7 @@ class Scheduler(Service):
         warnAfter: float = 0.0,
         hold: bool = False,
         destinationConcurrency: int = 20,
+        metrics: Any = None,
     ) -> None:
         self.store = store
         self.router = router
@@ -67,6 +68,7 @@ class Scheduler(Service):
         self.warnAfter = warnAfter
         self.hold = hold  # keep everything queued, attempt nothing
         self.destinationConcurrency = destinationConcurrency
+        self.metrics = metrics
         self._busy: Counter[tuple[str, str]] = Counter()
         self._holding: dict[str, set[tuple[str, str]]] = {}
         self._parked: dict[tuple[str, str], list[str]] = {}
@@ -266,6 +268,8 @@ class Scheduler(Service):
             self.log.failure(
                 "delivery backend {backend} failed on {queue_id}", failure, backend=name, queue_id=envelope.queue_id
             )
+            if self.metrics is not None:
+                self.metrics.pluginFailed("backend", name)
             return [DeliveryResult(r.address, BACKEND_FAILED) for r in recipients]
 
         d.addErrback(failed)
@@ -293,6 +297,8 @@ class Scheduler(Service):
             outcome = "delivered"
         elif recipient.state is RecipientState.FAILED:
             outcome = "failed" if status.permanent else "expired"
+        if self.metrics is not None:
+            self.metrics.outcomes.labels(backend=backend or "-", outcome=outcome).inc()
         self.log.info(
             "{outcome} {queue_id} to=<{to}> backend={backend} status={status} delay={delay:.3f}s attempts={attempts}",
             outcome=outcome,

@@ -7,6 +7,7 @@ the process go on.
 from __future__ import annotations
 
 import smtplib
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -53,15 +54,20 @@ how = hang
 localhost = local
 raise.test = raising
 hang.test = hanging
+
+[metrics]
+endpoint = tcp:{metrics}:interface=127.0.0.1
 """
 
 
 def test_broken_plugins_cost_one_reply_or_one_attempt(relay, tmp_path):
     from relayproc import freePort
 
-    port = freePort()
+    port, metricsPort = freePort(), freePort()
     r = relay(
-        config=CONFIG.format(state=tmp_path / "var", port=port), port=port, env={"PYTHONPATH": str(TESTS)}
+        config=CONFIG.format(state=tmp_path / "var", port=port, metrics=metricsPort),
+        port=port,
+        env={"PYTHONPATH": str(TESTS)},
     ).start()
     with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as client:
         client.ehlo("client.test")
@@ -82,3 +88,12 @@ def test_broken_plugins_cost_one_reply_or_one_attempt(relay, tmp_path):
     assert "backend exploded" in log  # the traceback of the raising backend
     assert "deferred " in log and "to=<x@raise.test>" in log and "to=<y@hang.test>" in log
     assert r.proc is not None and r.proc.poll() is None  # still running
+
+    # Each failure is counted, by kind and plugin (Prometheus text format).
+    with urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'relay_plugin_failures_total{kind="validator",plugin="broken"} 2.0' in text
+    assert 'relay_plugin_failures_total{kind="backend",plugin="raising"}' in text
+    assert 'relay_plugin_failures_total{kind="backend",plugin="hanging"}' in text
+    assert "relay_messages_accepted_total 1.0" in text
+    assert 'relay_recipient_outcomes_total{backend="local",outcome="delivered"} 1.0' in text
