@@ -1,1 +1,0 @@
-"""A delivery backend for relay: each message is POSTed to an HTTP endpoint."""
