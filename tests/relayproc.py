@@ -77,7 +77,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-MINIMAL = """\
+# The start of every test configuration: a listener on {port}, loopback may relay.
+HEAD = """\
 [relay]
 hostname = relay.test
 postmaster = postmaster@localhost
@@ -87,8 +88,13 @@ state_dir = {state}
 endpoint = tcp:{port}:interface=127.0.0.1
 
 [policy]
-local_domains = localhost example.test
 relay_networks = 127.0.0.0/8
+"""
+
+MINIMAL = (
+    HEAD
+    + """\
+local_domains = localhost example.test
 
 [queue]
 retry = {retry}
@@ -101,6 +107,7 @@ plugin = maildir
 localhost = local
 example.test = local
 """
+)
 
 
 class Relay:

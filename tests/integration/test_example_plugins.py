@@ -19,25 +19,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from relayproc import freePort, listening, waitFor
+from relayproc import HEAD, freePort, listening, waitFor
 
 pytestmark = pytest.mark.integration
 
 TESTS = Path(__file__).resolve().parents[1]
 BODY = b"Subject: hook\r\nFrom: alice@localhost\r\n\r\nfor the web\r\n.dot\r\n"
 
-CONFIG = """\
-[relay]
-hostname = relay.test
-postmaster = postmaster@localhost
-state_dir = {state}
-
-[listener:smtp]
-endpoint = tcp:{port}:interface=127.0.0.1
-
-[policy]
+CONFIG = (
+    HEAD
+    + """\
 local_domains = localhost
-relay_networks = 127.0.0.0/8
 validators = users
 
 [validator:users]
@@ -68,6 +60,7 @@ ok.test = ok
 busy.test = busy
 reject.test = reject
 """
+)
 
 
 def installed(module: str) -> None:

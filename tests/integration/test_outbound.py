@@ -13,24 +13,16 @@ from pathlib import Path
 import pytest
 from certs import PKI
 from peers import DNSServer, Handler, SMTPPeer, waitForMessages
-from relayproc import Relay, freePort, waitFor
+from relayproc import HEAD, Relay, freePort, waitFor
 
 pytestmark = pytest.mark.integration
 
 BODY = b"Subject: out\r\nFrom: sender@localhost\r\n\r\nline one\r\n.dot line\r\n..two dots\r\nlast\r\n"
 
-BASE = """\
-[relay]
-hostname = relay.test
-postmaster = postmaster@localhost
-state_dir = {state}
-
-[listener:smtp]
-endpoint = tcp:{port}:interface=127.0.0.1
-
-[policy]
+BASE = (
+    HEAD
+    + """\
 local_domains = localhost
-relay_networks = 127.0.0.0/8
 
 [queue]
 retry = 1s
@@ -44,6 +36,7 @@ plugin = maildir
 localhost = local
 * = internet
 """
+)
 
 EXAMPLE_ZONE = """\
     MX('example.test', 10, 'mx1.example.test'),

@@ -11,24 +11,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from relayproc import waitFor
+from relayproc import HEAD, waitFor
 
 pytestmark = pytest.mark.integration
 
 TESTS = Path(__file__).resolve().parents[1]
 
-CONFIG = """\
-[relay]
-hostname = relay.test
-postmaster = postmaster@localhost
-state_dir = {state}
-
-[listener:smtp]
-endpoint = tcp:{port}:interface=127.0.0.1
-
-[policy]
+CONFIG = (
+    HEAD
+    + """\
 local_domains = localhost
-relay_networks = 127.0.0.0/8
 validators = broken
 validator_timeout = 1s
 
@@ -58,6 +50,7 @@ hang.test = hanging
 [metrics]
 endpoint = tcp:{metrics}:interface=127.0.0.1
 """
+)
 
 
 def test_broken_plugins_cost_one_reply_or_one_attempt(relay, tmp_path):

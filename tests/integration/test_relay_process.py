@@ -185,8 +185,8 @@ def test_configured_validators_decide_recipients(tmp_path):
 
     config = MINIMAL.format(state=tmp_path / "var", port=freePort(), retry="1m", queue="")
     config = config.replace(
-        "relay_networks = 127.0.0.0/8\n",
-        "relay_networks = 127.0.0.0/8\nvalidators = blocked users\n\n"
+        "local_domains = localhost example.test\n",
+        "local_domains = localhost example.test\nvalidators = blocked users\n\n"
         "[validator:blocked]\nplugin = static\nmode = deny\naddresses = spam@localhost\n\n"
         "[validator:users]\nplugin = maildir\n",
     )
