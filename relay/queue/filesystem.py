@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.envelope import Envelope
+from relay.fsutil import writeNow
 from relay.interfaces import IIncomingMessage, IQueueStore
 from relay.queue import fsworker
 from relay.queue.fsworker import APPEND, COMMIT, DISCARD, REMOVE, SYNC_MODES, UPDATE, QueueFiles, Request
@@ -173,18 +174,13 @@ class ProcessEngine(ProcessProtocol):
         return d
 
     def _write(self, data: bytes) -> None:
-        # Straight into the pipe when nothing waits before it: the worker
-        # starts on this request while the reactor is still busy with others.
+        # Straight into the pipe: the worker starts on this request while the
+        # reactor is still busy with others.
         writer = getattr(self.transport, "pipes", {}).get(0)
-        if writer is not None and not writer.dataBuffer and not writer._tempDataBuffer:
-            try:
-                written = os.write(writer.fd, data)
-            except OSError:
-                written = 0  # full (EAGAIN), or an error the transport will report
-            data = data[written:]
-            if not data:
-                return
-        self.transport.write(data)
+        if writer is None:
+            self.transport.write(data)
+        else:
+            writeNow(writer, data, lambda chunk: os.write(writer.fd, chunk))
 
     def outReceived(self, data: bytes) -> None:
         for requestID, error in self._decoder.feed(data):

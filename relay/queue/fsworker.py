@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from relay.fsutil import fsyncDirectory  # imports nothing but os
+
 APPEND, COMMIT, UPDATE, REMOVE, DISCARD = 1, 2, 3, 4, 5
 OPCODES = (APPEND, COMMIT, UPDATE, REMOVE, DISCARD)
 
@@ -58,15 +60,6 @@ def syncFilesystem(path: Path) -> None:
         if _syncfs(fd) != 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), str(path))
-    finally:
-        os.close(fd)
-
-
-def fsyncDirectory(path: str | os.PathLike[str]) -> None:
-    """A rename or a new file survives a crash only once its directory is synced."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 

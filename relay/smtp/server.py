@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 
 from relay.address import Mailbox, parseMailbox
 from relay.envelope import Envelope, Recipient, Status
+from relay.fsutil import writeNow
 from relay.policy import Policy, clientIP
 from relay.smtp import parser
 from relay.smtp.auth import MECHANISMS, Challenge, Credentials, IMailUser, startExchange
@@ -225,26 +226,13 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _write(self, data: bytes) -> None:
         """
         A reply goes out now, not on the reactor's next turn: a client waits
-        for each reply, and a plain TCP transport with nothing buffered can
-        take it at once.  That saves two epoll changes and a loop turn per
-        reply, which under load is most of the latency of a round trip.
-        Anything else (TLS, a partial send, a full buffer) takes the
-        transport's own path.
+        for each reply.  Plain TCP only; TLS takes the transport's own path.
         """
         transport = self.transport
-        if (
-            self._direct
-            and not getattr(transport, "dataBuffer", True)
-            and not getattr(transport, "_tempDataBuffer", True)
-        ):
-            try:
-                sent = transport.socket.send(data)
-            except OSError:
-                sent = 0  # EAGAIN, or an error the transport will find and report
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
+        if self._direct:
+            writeNow(transport, data, transport.socket.send)
+        else:
+            transport.write(data)
 
     def _close(self) -> None:
         self._abortIncoming()
