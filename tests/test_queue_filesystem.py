@@ -77,12 +77,18 @@ def queueOne(store: FilesystemQueueStore, data: bytes = DATA) -> Envelope:
 
 
 def files(path: Path) -> list[str]:
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    """The files of the queue at C{path}, spares left out."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.parent.name != "spare")
+
+
+def spares(path: Path) -> dict[int, bytes]:
+    """The spare files of the queue at C{path}: their content by inode number."""
+    return {p.stat().st_ino: p.read_bytes() for p in (path / "spare").iterdir()}
 
 
 def test_layout_and_modes(tmp_path):
     makeStore(tmp_path / "q")
-    for name in ("q", "q/incoming", "q/messages"):
+    for name in ("q", "q/incoming", "q/messages", "q/spare"):
         assert (tmp_path / name).is_dir()
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o700
 
@@ -140,6 +146,57 @@ def test_remove_then_recover(tmp_path):
     assert result(store.remove(first.queue_id)) is None  # missing files are fine
     assert result(makeStore(tmp_path).recover()) == [second]
     assert files(tmp_path) == [f"messages/{second.queue_id}", f"messages/{second.queue_id}.json"]
+    assert len(spares(tmp_path)) == 2
+
+
+def test_removed_files_are_reused_for_new_messages(tmp_path):
+    """
+    A removal frees no inode and a commit allocates none while there are
+    spares; a spare's old content never shows through, even when it was
+    longer than the new one, and spares outlive the store.
+    """
+    store = makeStore(tmp_path)
+    first = queueOne(store, DATA * 50)
+    assert result(store.remove(first.queue_id)) is None
+    left = spares(tmp_path)
+    assert len(left) == 2 and DATA * 50 in left.values()
+    store = makeStore(tmp_path)  # a new run finds the spares
+    second = queueOne(store)
+    assert spares(tmp_path) == {}
+    inodes = {(tmp_path / name).stat().st_ino for name in files(tmp_path)}
+    assert inodes == set(left)
+    assert (tmp_path / "messages" / second.queue_id).read_bytes() == DATA
+    assert result(makeStore(tmp_path).recover()) == [second]
+    with store.openData(second.queue_id) as f:
+        assert f.read() == DATA
+
+
+def test_update_swaps_envelopes_through_a_spare(tmp_path):
+    store = makeStore(tmp_path)
+    first = queueOne(store)
+    second = queueOne(store)
+    assert result(store.remove(first.queue_id)) is None
+    before = {(tmp_path / name).stat().st_ino for name in files(tmp_path)} | set(spares(tmp_path))
+    second.recipients[0].attempts = 5
+    assert result(store.update(second)) is None
+    after = {(tmp_path / name).stat().st_ino for name in files(tmp_path)} | set(spares(tmp_path))
+    assert after == before
+    assert result(makeStore(tmp_path).recover())[0].recipients[0].attempts == 5
+    # the old envelope is a spare now
+    assert any(json.loads(content)["recipients"][0]["attempts"] == 0 for content in spares(tmp_path).values())
+
+
+def test_large_or_surplus_files_are_unlinked_not_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(fsworker, "SPARES", 3)
+    store = makeStore(tmp_path)
+    big = queueOne(store, b"x" * (fsworker.SPARE_SIZE + 1))
+    assert result(store.remove(big.queue_id)) is None
+    assert [json.loads(content)["queue_id"] for content in spares(tmp_path).values()] == [big.queue_id]
+    envelopes = [queueOne(store) for _ in range(3)]
+    for envelope in envelopes:
+        assert result(store.remove(envelope.queue_id)) is None
+    assert len(spares(tmp_path)) == 3
+    assert files(tmp_path) == []
 
 
 def test_recover_sorts_by_queue_id(tmp_path):
@@ -594,3 +651,14 @@ def test_recovery_leaves_this_process_messages_alone(tmp_path):
     result(halfway.commit(envelopeFor(halfway.queue_id)))
     assert result(store.remove(committed.queue_id)) is None
     assert sorted(e.queue_id for e in result(makeStore(tmp_path).recover())) == sorted([old.queue_id, halfway.queue_id])
+
+
+def test_update_without_exchange_renames(tmp_path, monkeypatch):
+    """Where renameat2 is missing, an update is a plain write-new and rename."""
+    monkeypatch.setattr(fsworker, "_exchange", None)
+    store = makeStore(tmp_path)
+    envelope = queueOne(store)
+    envelope.recipients[0].attempts = 3
+    assert result(store.update(envelope)) is None
+    assert result(makeStore(tmp_path).recover())[0].recipients[0].attempts == 3
+    assert spares(tmp_path) == {}

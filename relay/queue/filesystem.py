@@ -7,6 +7,8 @@ Layout under the store's directory::
     incoming/<qid>.json     its envelope, written during commit
     messages/<qid>          committed data
     messages/<qid>.json     committed envelope: its presence is the commit point
+    spare/<n>               files of removed messages and replaced envelopes,
+                            reused for new ones (see L{relay.queue.fsworker})
 
 With C{sync = fsync}, a message is renamed into C{messages/} data first,
 envelope second, so a crash can leave data without an envelope (discarded at
@@ -359,9 +361,9 @@ class FilesystemQueueStore:
         # Messages of this process, received or not yet removed: recovery runs
         # while the listeners already accept, and must leave them alone.
         self._ours: set[str] = set()
-        files = QueueFiles(self.path, sync)  # checks sync
         for directory in (self.path, self.incomingPath, self.messagesPath):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files = QueueFiles(self.path, sync)  # checks sync
         self.engine = engine if engine is not None else ThreadEngine(files, lambda *a: self._blocking(*a))
 
     # -- queue ids -------------------------------------------------------
