@@ -8,13 +8,18 @@ quoted only when it has to be).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
 
 # atext of RFC 5322 without the specials; UTF-8 (any non-ASCII code point) is
 # admitted separately, and only when the caller allows it.
-_ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
+_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+_DOT_STRING = {
+    utf8: re.compile(r"(?:[{0}]+)(?:\.[{0}]+)*".format(_ATEXT + ("\x80-\U0010ffff" if utf8 else "")))
+    for utf8 in (False, True)
+}
 _LDH = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _MAX_LOCAL = 64
 _MAX_DOMAIN = 255
@@ -31,6 +36,11 @@ class Mailbox:
     domain: str
 
     def __str__(self) -> str:
+        return self.text
+
+    @functools.cached_property
+    def text(self) -> str:
+        """The path form; asked for at every step of a transaction, so kept."""
         return f"{quoteLocal(self.local)}@{self.domain}"
 
     @property
@@ -42,12 +52,8 @@ def _isUTF8(ch: str) -> bool:
     return ord(ch) > 127
 
 
-def _isAtom(text: str, utf8: bool) -> bool:
-    return bool(text) and all(c in _ATEXT or (utf8 and _isUTF8(c)) for c in text)
-
-
 def _isDotString(text: str, utf8: bool) -> bool:
-    return all(_isAtom(atom, utf8) for atom in text.split("."))
+    return _DOT_STRING[utf8].fullmatch(text) is not None
 
 
 def quoteLocal(local: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.smtp import dotreader
 from relay.smtp.dotreader import DataError, DotReader
 
 
@@ -73,3 +74,36 @@ def test_end_is_only_crlf_dot_crlf(payload, cuts):
         assert consumed.find(b"\r\n.\r\n") == len(consumed) - 5
     else:
         assert b"\r\n.\r\n" not in stream
+
+
+def readLineByLine(stream: bytes, cuts: list[int]) -> tuple[bytes, int | None, DataError | None, bytes]:
+    """L{read} with the bulk path for clean chunks turned off."""
+    original = DotReader._feedClean
+    DotReader._feedClean = lambda self, data: dotreader._UNCLEAN  # type: ignore[method-assign]
+    try:
+        return read(stream, cuts)
+    finally:
+        DotReader._feedClean = original  # type: ignore[method-assign]
+
+
+PIECES = [b"a", b"x" * 40, b".", b"\r", b"\n", b"\r\n", b"\r\n.", b".\r\n", b"y" * 997]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(st.sampled_from(PIECES), max_size=40),
+    st.lists(st.integers(min_value=0, max_value=5000), max_size=8),
+)
+def test_bulk_path_agrees_with_line_by_line(pieces, cuts):
+    """Whatever the chunking and content, the fast path changes no outcome."""
+    stream = b"".join(pieces) + b"\r\n.\r\nREST"
+    assert read(stream, cuts) == readLineByLine(stream, cuts)
+
+
+def test_bulk_path_takes_clean_chunks_and_only_those():
+    body = b"".join(b"line %d of text\r\n" % i for i in range(30))
+    out: list[bytes] = []
+    assert DotReader(out.append)._feedClean(body + b".\r\nQUIT") == len(body) + 3
+    assert out == [body]
+    for unclean in (b"a\r\n..b\r\n", b"a\nb\r\n", b"a\rb\r\n", b"x" * 999 + b"\r\n", b"x" * 1001):
+        assert DotReader(out.append)._feedClean(unclean) is dotreader._UNCLEAN
