@@ -12,6 +12,7 @@ part of the envelope and never decoded.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -57,6 +58,11 @@ class Status:
 
     def reply(self) -> bytes:
         """The reply line as sent on the wire, CRLF included."""
+        return self._wire
+
+    @functools.cached_property
+    def _wire(self) -> bytes:
+        # Statuses are constants sent over and over: encoded once.
         return f"{self.code} {self.enhanced} {self.text}\r\n".encode()
 
     def __str__(self) -> str:

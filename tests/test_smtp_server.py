@@ -370,6 +370,39 @@ def test_idle_timeout_sends_421():
     assert s.transport.disconnecting
 
 
+def test_no_idle_timeout_while_an_answer_is_ours_then_the_command_timeout_again():
+    pending: list[Deferred] = []
+
+    class Slow:
+        def validate(self, recipient, session):
+            d = Deferred()
+            pending.append(d)
+            return d
+
+    s = Session(validators=[("slow", Slow())], commandTimeout=10.0)
+    s.ready()
+    assert s.codes(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\n") == ["250 2.1.0"]
+    s.clock.advance(25)  # the validator is slow (within its own limit): the client is not to blame
+    assert s.take() == b""
+    pending.pop(0).callback(verdict.CONTINUE)
+    assert s.codes(b"") == ["250 2.1.5"]
+    s.clock.advance(9)
+    assert s.take() == b""
+    s.clock.advance(2)
+    assert s.take().startswith(b"421 4.4.2 ")
+
+
+def test_after_a_message_the_command_timeout_applies_not_the_data_timeout():
+    s = Session(commandTimeout=300.0, dataTimeout=10.0)
+    s.ready()
+    assert s.codes(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n")[-1] == "354 2.0.0"
+    assert s.codes(MESSAGE + b".\r\n") == ["250 2.0.0"]
+    s.clock.advance(11)
+    assert s.take() == b""
+    s.clock.advance(290)
+    assert s.take().startswith(b"421 4.4.2 ")
+
+
 def test_connection_lost_mid_data_aborts():
     s = Session()
     s.ready()

@@ -65,6 +65,9 @@ file; most messages are smaller and never touch the disk before commit."""
 _OPEN, _COMMITTING, _COMMITTED, _FAILED, _ABORTED = range(5)
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _encode(envelope: Envelope, dataSize: int | None = None) -> bytes:
     # Serialised in the caller's thread: the scheduler keeps mutating the
     # envelope after update() returns, the worker must see a snapshot.
@@ -73,7 +76,7 @@ def _encode(envelope: Envelope, dataSize: int | None = None) -> bytes:
         # Recovery compares it with the data file: a shorter file is a commit
         # a crash interrupted before its sync, never acknowledged.
         fields["data_size"] = dataSize
-    return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+    return _JSON.encode(fields).encode()
 
 
 def _error(error: fsworker.Error) -> OSError:

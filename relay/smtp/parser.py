@@ -98,6 +98,14 @@ def _splitPath(arg: str) -> tuple[str, str]:
     if not arg.startswith("<"):
         path, _, rest = arg.partition(" ")
         return path, rest
+    if '"' not in arg:  # the usual path: nothing quoted, the first ">" closes it
+        i = arg.find(">")
+        if i == -1:
+            raise ValueError("unterminated path")
+        rest = arg[i + 1 :]
+        if rest and not rest.startswith(" "):
+            raise ValueError("text after path")
+        return arg[: i + 1], rest.strip(" ")
     quoted = False
     escaped = False
     for i, c in enumerate(arg):

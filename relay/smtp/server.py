@@ -74,6 +74,10 @@ def _reply(code: int, enhanced: str, text: str) -> Status:
 
 
 OK = _reply(250, "2.0.0", "Ok")
+MAIL_OK = _reply(250, "2.1.0", "Ok")
+RCPT_OK = _reply(250, "2.1.5", "Ok")
+START_DATA = _reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>")
+BYE = _reply(221, "2.0.0", "Bye")
 BAD_SEQUENCE_HELO = _reply(503, "5.5.1", "Error: send HELO/EHLO first")
 BAD_SEQUENCE_MAIL = _reply(503, "5.5.1", "Error: need MAIL command")
 BAD_SEQUENCE_RCPT = _reply(503, "5.5.1", "Error: need RCPT command")
@@ -169,6 +173,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.helo = ""
         self.esmtp = False
         self.tls = settings.tls == "implicit"
+        self._keywords: tuple[tuple[bool, bool, str | None], frozenset[str]] | None = None
         self.authenticated: str | None = None
         self.transaction: Transaction | None = None
         self.errors = 0
@@ -196,7 +201,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._send(TOO_MANY_CONNECTIONS)
             self._close()
             return
-        self._send(_reply(220, "2.0.0", f"{self.settings.hostname} ESMTP relay"))
+        self._send(self.factory.greeting)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.phase = Phase.CLOSED
@@ -305,20 +310,28 @@ class SMTPServer(Protocol, TimeoutMixin):
             return line[:-2]
 
     def _wait(self, d: Deferred[Status]) -> None:
-        """Answer the current command when C{d} fires; read nothing meanwhile."""
+        """
+        Answer the current command when C{d} fires; read nothing meanwhile,
+        and let no idle timeout run while the answer is ours to give.
+        """
         self._busy = True
-        self.setTimeout(None)
+        waited = False
 
         def done(status: Status) -> None:
             self._busy = False
             if self.phase is Phase.CLOSED:
                 return
             self._send(status)
-            self.setTimeout(self.settings.dataTimeout if self._chunk else self.settings.commandTimeout)
+            timeout = self.settings.dataTimeout if self._chunk else self.settings.commandTimeout
+            if waited or self.timeOut != timeout:
+                self.setTimeout(timeout)
             self._pump()
 
         d.addCallback(done)
         d.addErrback(lambda f: self.log.failure("session error", f))
+        if self._busy:  # not answered at once (an answer at once needs no timer work)
+            waited = True
+            self.setTimeout(None)
 
     # -- what this session offers ----------------------------------------
 
@@ -351,12 +364,17 @@ class SMTPServer(Protocol, TimeoutMixin):
         return offered
 
     def _offeredKeywords(self) -> frozenset[str]:
-        if not self.esmtp:
-            return frozenset()
-        keywords = {e.split(" ", 1)[0] for e in self.extensions()}
-        if self.settings.auth != "none" and (self.tls or self.settings.plaintextAuth):
-            keywords.add("AUTH")  # AUTH= stays valid after authenticating
-        return frozenset(keywords)
+        """The EHLO keywords in force; asked at every MAIL and RCPT, so kept until the session changes."""
+        state = (self.esmtp, self.tls, self.authenticated)
+        if self._keywords is not None and self._keywords[0] == state:
+            return self._keywords[1]
+        keywords: set[str] = set()
+        if self.esmtp:
+            keywords = {e.split(" ", 1)[0] for e in self.extensions()}
+            if self.settings.auth != "none" and (self.tls or self.settings.plaintextAuth):
+                keywords.add("AUTH")  # AUTH= stays valid after authenticating
+        self._keywords = (state, frozenset(keywords))
+        return self._keywords[1]
 
     # -- commands --------------------------------------------------------
 
@@ -380,7 +398,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self._resetTransaction()
                 self._send(OK)
             case parser.Simple("QUIT"):
-                self._send(_reply(221, "2.0.0", "Bye"))
+                self._send(BYE)
                 self._close()
             case parser.Simple("STARTTLS"):
                 self._startTLS()
@@ -494,7 +512,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return self._send(_reply(553, "5.6.7", "Error: UTF-8 addresses need SMTPUTF8"))
         self.transaction = Transaction(command.sender, params)
         self.phase = Phase.MAIL
-        self._send(_reply(250, "2.1.0", "Ok"))
+        self._send(MAIL_OK)
 
     def _rcpt(self, command: parser.Rcpt) -> None:
         if self.phase is Phase.CONNECTED:
@@ -509,7 +527,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return self._send(TOO_MANY_RECIPIENTS)
         if command.recipient is None:
             address = str(parseMailbox(self.settings.postmaster))
-            d: Deferred[Status] = succeed(_reply(250, "2.1.5", "Ok"))
+            d: Deferred[Status] = succeed(RCPT_OK)
         else:
             address = str(command.recipient)
             session = SessionInfo(
@@ -548,7 +566,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._reader = DotReader(self._writeBody)
         self.phase = Phase.DATA
         self.setTimeout(self.settings.dataTimeout)
-        self._send(_reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"))
+        self._send(START_DATA)
 
     def _bdat(self, command: parser.Bdat) -> None:
         # The chunk's bytes follow whatever we answer, so they are read in every
@@ -738,6 +756,7 @@ class SMTPServerFactory(ServerFactory):
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        self.greeting = _reply(220, "2.0.0", f"{settings.hostname} ESMTP relay")
         self._perClient: Counter[str] = Counter()
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
