@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RELAY_BASE, PostfixPeer, RelayProcess, freePort, smtpSource
+from common import RELAY_BASE, PostfixPeer, RelayProcess, addSettleOption, freePort, settle, smtpSource
 
 CONFIG = (
     RELAY_BASE
@@ -72,7 +72,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved relay/Postfix rounds")
     parser.add_argument("--sync", choices=("syncfs", "fsync"), help="[queue] sync of relay (default: its default)")
+    addSettleOption(parser)
     args = parser.parse_args()
+    settle(args.settle)
     rates: dict[tuple[str, str, int], list[float]] = {}
     store: dict[tuple[str, str, int], list[tuple[str, str]]] = {}
     work = Path(tempfile.mkdtemp(prefix="relay-bench-"))
@@ -93,8 +95,8 @@ def main() -> int:
             relayRow(work, 500, args.sessions, args.size, False, args.sync)
             smtpSource(peer.port, 500, args.sessions, args.size, False, "sink@localhost")
             relay(1, False)
-            # The disk of a shared machine has fast and slow spells: the two
-            # servers take turns, and each round's ratio is one sample.
+            # What else the machine does comes and goes: the two servers take
+            # turns, and each round's ratio is one sample.
             for _ in range(args.rounds):
                 for reuse in (False, True):
                     relay(args.sessions, reuse)

@@ -6,6 +6,7 @@ every process started is stopped by its PID.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -36,6 +37,39 @@ relay_networks = 127.0.0.0/8
 [delivery:local]
 plugin = maildir
 """
+
+
+SETTLE_SECONDS = 61.0
+
+
+def addSettleOption(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=SETTLE_SECONDS,
+        metavar="SECONDS",
+        help=f"wait this long for a quiet file system before measuring (default {SETTLE_SECONDS:.0f}; 0: don't)",
+    )
+
+
+def settle(seconds: float) -> None:
+    """
+    Start on a quiet file system.
+
+    ext4 without a journal (this machine's root file system) checks every
+    inode freed in the last 60 seconds (360 while its inode table block is
+    unwritten) against each file it creates in that group: after something
+    deleted thousands of files (a test run, the previous benchmark's clean-up)
+    a file costs 10 to 40 times more to create, for a minute or more, and
+    the more so for whichever server creates more files per message.
+    Everything is written out first, so the 60 seconds apply, then we wait.
+    The benchmarks themselves delete nothing until they are done.
+    """
+    if seconds <= 0:
+        return
+    print(f"settling: {seconds:.0f} s for the file system to forget recent deletions (--settle 0 skips)", flush=True)
+    os.sync()
+    time.sleep(seconds)
 
 
 def freePort() -> int:

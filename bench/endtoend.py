@@ -27,7 +27,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import RELAY_BASE, PostfixPeer, RelayProcess, freePort, smtpSource, tool, waitListening
+from common import (
+    RELAY_BASE,
+    PostfixPeer,
+    RelayProcess,
+    addSettleOption,
+    freePort,
+    settle,
+    smtpSource,
+    tool,
+    waitListening,
+)
 
 CONFIG = (
     RELAY_BASE
@@ -82,7 +92,9 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=3)
+    addSettleOption(parser)
     args = parser.parse_args()
+    settle(args.settle)
     work = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     os.chmod(work, 0o755)
     sinkPort = freePort()

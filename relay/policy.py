@@ -89,6 +89,8 @@ class Policy:
             return succeed(ACCEPTED)
         if not isLocal and (not mayRelay or self._route(domain) is None):
             return succeed(RELAY_DENIED)
+        if not self.validators:
+            return succeed(ACCEPTED)
         return Deferred.fromCoroutine(self._ask(address, session))
 
     async def _ask(self, address: str, session: SessionInfo) -> Status:

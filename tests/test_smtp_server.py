@@ -7,8 +7,10 @@ import errno
 import pytest
 from smtphelpers import Session
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger, formatEvent
 
 from relay import verdict
+from relay.smtp.server import SMTPServer
 
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
 
@@ -430,3 +432,18 @@ def test_utf8_address_without_smtputf8_refused():
     s = Session()
     s.ready()
     assert s.codes("MAIL FROM:<jörg@b.example>\r\n".encode()) == ["553 5.6.7"]
+
+
+def test_accepted_line_is_logged_as_sent_braces_and_all(monkeypatch):
+    events: list[dict] = []
+    monkeypatch.setattr(SMTPServer, "log", Logger(observer=events.append))
+    s = Session()
+    s.ready()
+    commands = b"MAIL FROM:<a{x}b@example.org>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n"
+    assert s.codes(commands + MESSAGE + b".\r\n")[-1] == "250 2.0.0"
+    [event] = [e for e in events if e.get("queue_id")]
+    accepted = s.accepted[0]
+    assert formatEvent(event) == (
+        f"accepted {accepted.queue_id} from=<a{{x}}b@example.org> size={accepted.size} nrcpt=1 client=192.0.2.10"
+    )
+    assert (event["sender"], event["nrcpt"]) == ("a{x}b@example.org", 1)

@@ -69,6 +69,14 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+ACCEPTED_LOG = "accepted {queue_id} from=<{sender}> size={size} nrcpt={nrcpt} client={client}"
+
+
+def _literal(text: str) -> str:
+    """C{text} as a log format that formats to itself."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 def _reply(code: int, enhanced: str, text: str) -> Status:
     return Status(code, enhanced, text)
 
@@ -707,14 +715,17 @@ class SMTPServer(Protocol, TimeoutMixin):
         return d
 
     def _committed(self, envelope: Envelope) -> Status:
-        self.log.info(
-            "accepted {queue_id} from=<{sender}> size={size} nrcpt={nrcpt} client={client}",
-            queue_id=envelope.queue_id,
-            sender=envelope.sender,
-            size=envelope.size,
-            nrcpt=len(envelope.recipients),
-            client=envelope.client_address,
-        )
+        fields = {
+            "queue_id": envelope.queue_id,
+            "sender": envelope.sender,
+            "size": envelope.size,
+            "nrcpt": len(envelope.recipients),
+            "client": envelope.client_address,
+        }
+        # One line per message: formatted here by str.format, so that Twisted's
+        # formatter (pure Python, a tenth of the session's CPU) finds no field
+        # left to fill; the fields still travel with the event.
+        self.log.info(_literal(ACCEPTED_LOG.format_map(fields)), **fields)
         try:
             self.settings.onAccepted(envelope)
         except Exception:
