@@ -109,5 +109,12 @@ def test_through_the_policy(tmp_path):
     policy = Policy(frozenset({"example.test"}), [], lambda d: "local", [("v", v)], Clock())
     assert result(policy.checkRecipient("bob@example.test", LOCAL, False)).code == 550
     assert result(policy.checkRecipient("alice@example.test", LOCAL, False)).code == 250
-    assert result(policy.checkRecipient("postmaster@example.test", LOCAL, False)).code == 250
+    assert policy.checkRecipient("postmaster@example.test", LOCAL, False).code == 250  # no validator asked
     assert Decision.ACCEPT.value == "accept"
+
+
+def test_policy_answers_at_once_when_no_validator_is_asked():
+    """The common RCPT costs no Deferred: only a validator makes the answer wait."""
+    policy = Policy(frozenset({"example.test"}), [], lambda d: None, [], Clock())
+    assert policy.checkRecipient("anyone@example.test", LOCAL, False).code == 250
+    assert str(policy.checkRecipient("someone@far.example", REMOTE, False)) == "550 5.7.1 Relay access denied"

@@ -535,7 +535,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return self._send(TOO_MANY_RECIPIENTS)
         if command.recipient is None:
             address = str(parseMailbox(self.settings.postmaster))
-            d: Deferred[Status] = succeed(RCPT_OK)
+            answer: Status | Deferred[Status] = RCPT_OK
         else:
             address = str(command.recipient)
             session = SessionInfo(
@@ -547,7 +547,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                 local_domain=self.settings.policy.isLocal(command.recipient.domain),
             )
             mayRelay = self.settings.policy.mayRelay(self.client, self.authenticated)
-            d = self.settings.policy.checkRecipient(address, session, mayRelay)
+            answer = self.settings.policy.checkRecipient(address, session, mayRelay)
 
         def decided(status: Status) -> Status:
             if status.ok and self.transaction is transaction:
@@ -555,8 +555,11 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self.phase = Phase.RCPT
             return status
 
-        d.addCallback(decided)
-        self._wait(d)
+        if isinstance(answer, Status):
+            self._send(decided(answer))
+        else:
+            answer.addCallback(decided)
+            self._wait(answer)
 
     def _data(self) -> None:
         if self.phase is Phase.CONNECTED:
