@@ -662,3 +662,14 @@ def test_update_without_exchange_renames(tmp_path, monkeypatch):
     assert result(store.update(envelope)) is None
     assert result(makeStore(tmp_path).recover())[0].recipients[0].attempts == 3
     assert spares(tmp_path) == {}
+
+
+def test_spares_removed_behind_the_store_s_back_are_skipped(tmp_path):
+    store = makeStore(tmp_path)
+    for envelope in [queueOne(store), queueOne(store)]:
+        assert result(store.remove(envelope.queue_id)) is None
+    for spare in sorted((tmp_path / "spare").iterdir())[:3]:
+        spare.unlink()  # an operator tidying up
+    first, second = queueOne(store), queueOne(store)
+    assert result(makeStore(tmp_path).recover()) == [first, second]
+    assert spares(tmp_path) == {}

@@ -267,14 +267,13 @@ class _Update(_Operation):
         self.temporary: Path | None = None
 
     def prepare(self) -> None:
-        spare = self.files.takeSpare()
+        spare = self.files.openSpare(self.payload)
         if spare is None:
             self.temporary = self.target.with_name(self.target.name + ".new")
             self.fd = create(self.temporary)
             writeAll(self.fd, self.payload)
         else:
-            self.temporary = spare[0]
-            self.fd = self.files.overwrite(spare, self.payload)
+            self.fd, self.temporary = spare
 
     def sync(self) -> None:
         assert self.fd is not None
@@ -357,26 +356,32 @@ class QueueFiles:
 
     # -- spare files --------------------------------------------------------
 
-    def takeSpare(self) -> tuple[Path, int] | None:
-        """A spare file's path and size (-1: unknown), now no longer a spare."""
-        if not self.spares:
-            return None
-        name, size = self.spares.pop()
-        return self.spare / name, size
-
-    def overwrite(self, spare: tuple[Path, int], content: bytes) -> int:
-        """Replace the content of a spare taken; an open descriptor."""
-        path, size = spare
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            writeAll(fd, content)
-            if size < 0 or size > len(content):
-                os.ftruncate(fd, len(content))
-        except BaseException:
-            os.close(fd)
-            unlinkQuietly(path)
-            raise
-        return fd
+    def openSpare(self, content: bytes | None) -> tuple[int, Path] | None:
+        """
+        A spare, no longer one, open for writing: holding C{content}, or
+        emptied for appending when C{content} is C{None}.  Spares that have
+        gone (an operator cleaned C{spare/}) are forgotten; C{None} when none
+        is left.
+        """
+        while self.spares:
+            name, size = self.spares.pop()
+            path = self.spare / name
+            flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_TRUNC if content is None else 0)
+            try:
+                fd = os.open(path, flags)
+            except FileNotFoundError:
+                continue
+            try:
+                if content is not None:
+                    writeAll(fd, content)
+                    if size < 0 or size > len(content):
+                        os.ftruncate(fd, len(content))
+            except BaseException:
+                os.close(fd)
+                unlinkQuietly(path)
+                raise
+            return fd, path
+        return None
 
     def writeFile(self, target: Path, content: bytes) -> int:
         """
@@ -384,27 +389,22 @@ class QueueFiles:
         written first and renamed after, so C{target} never shows what the
         spare held before.
         """
-        spare = self.takeSpare()
+        spare = self.openSpare(content)
         if spare is None:
             fd = create(target)
             writeAll(fd, content)
             return fd
-        fd = self.overwrite(spare, content)
-        try:
-            os.rename(spare[0], target)
-        except BaseException:
-            os.close(fd)
-            unlinkQuietly(spare[0])
-            raise
-        return fd
+        return self._moveSpare(spare, target)
 
     def newFile(self, target: Path) -> int:
         """An empty file at C{target}, for appending, from a spare if there is one."""
-        spare = self.takeSpare()
+        spare = self.openSpare(None)
         if spare is None:
             return create(target)
-        path, _ = spare
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        return self._moveSpare(spare, target)
+
+    def _moveSpare(self, spare: tuple[int, Path], target: Path) -> int:
+        fd, path = spare
         try:
             os.rename(path, target)
         except BaseException:
