@@ -98,16 +98,22 @@ def test_pipelined_replies_in_order_including_errors():
     assert [r.address for r in s.accepted[0].recipients] == ["one@localhost", "two@example.test"]
 
 
+class Slow:
+    """A validator that answers when the test says: C{pending} holds its unanswered Deferreds."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred] = []
+
+    def validate(self, recipient, session):
+        d = Deferred()
+        self.pending.append(d)
+        return d
+
+
 def test_pipelining_behind_slow_validator_keeps_order():
-    pending: list[Deferred] = []
-
-    class Slow:
-        def validate(self, recipient, session):
-            d = Deferred()
-            pending.append(d)
-            return d
-
-    s = Session(validators=[("slow", Slow())])
+    slow = Slow()
+    pending = slow.pending
+    s = Session(validators=[("slow", slow)])
     s.ready()
     assert s.codes(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nNOOP\r\n") == [
         "250 2.1.0"
@@ -373,15 +379,9 @@ def test_idle_timeout_sends_421():
 
 
 def test_no_idle_timeout_while_an_answer_is_ours_then_the_command_timeout_again():
-    pending: list[Deferred] = []
-
-    class Slow:
-        def validate(self, recipient, session):
-            d = Deferred()
-            pending.append(d)
-            return d
-
-    s = Session(validators=[("slow", Slow())], commandTimeout=10.0)
+    slow = Slow()
+    pending = slow.pending
+    s = Session(validators=[("slow", slow)], commandTimeout=10.0)
     s.ready()
     assert s.codes(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\n") == ["250 2.1.0"]
     s.clock.advance(25)  # the validator is slow (within its own limit): the client is not to blame

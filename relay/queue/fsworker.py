@@ -422,7 +422,9 @@ class QueueFiles:
             size = os.stat(path).st_size
         except FileNotFoundError:
             return
-        if len(self.spares) < SPARES and size <= SPARE_SIZE:
+        if path.parent == self.spare and size <= SPARE_SIZE:
+            self.spares.append((path.name, size))  # a spare already (an update's old envelope)
+        elif len(self.spares) < SPARES and size <= SPARE_SIZE:
             name = str(self._nextSpare)
             try:
                 os.rename(path, self.spare / name)

@@ -725,9 +725,9 @@ class SMTPServer(Protocol, TimeoutMixin):
             "nrcpt": len(envelope.recipients),
             "client": envelope.client_address,
         }
-        # One line per message: formatted here by str.format, so that Twisted's
-        # formatter (pure Python, a tenth of the session's CPU) finds no field
-        # left to fill; the fields still travel with the event.
+        # One line per message: formatted here by str.format (C), so that
+        # Twisted's pure-Python formatter finds no field left to fill; the
+        # fields still travel with the event for structured observers.
         self.log.info(_literal(ACCEPTED_LOG.format_map(fields)), **fields)
         try:
             self.settings.onAccepted(envelope)
