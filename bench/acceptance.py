@@ -8,11 +8,11 @@ every message on hold, relay runs with ``[queue] hold = yes``.  Each relay run
 is a fresh process, whose queue store logs at shutdown how many changes each
 batch of syncs carried (group commit) and what durability cost per change;
 the 1-session row shows that cost at no concurrency, beside 20 sessions.
-After an unmeasured warm-up run of each, the servers take turns, round after
-round; each round's ratio compares two runs seconds apart, and the median of
-those ratios is the figure.
+After a minute's settling (see C{common.settle}) and an unmeasured warm-up
+run of each, the servers take turns, round after round; each round's ratio
+compares two runs seconds apart, and the median of those ratios is the figure.
 
-    .venv/bin/python bench/acceptance.py [--messages 2000] [--sessions 20] [--size 2048]
+    .venv/bin/python bench/acceptance.py [--messages 2000] [--sessions 20] [--size 2048] [--settle 61]
 """
 
 from __future__ import annotations

@@ -6,11 +6,11 @@ the queue (relay: its queue directory is empty; Postfix: its spool is), so it
 covers acceptance with fsync, the queue, and delivery over SMTP.
 
 relay delivers through its smarthost backend to the sink; Postfix through its
-relayhost.  After an unmeasured warm-up run of each, the servers take turns,
-round after round; each round's ratio is one sample and their median is the
-figure.
+relayhost.  After a minute's settling (see C{common.settle}) and an unmeasured
+warm-up run of each, the servers take turns, round after round; each round's
+ratio is one sample and their median is the figure.
 
-    .venv/bin/python bench/endtoend.py [--messages 2000] [--sessions 20] [--size 2048] [--rounds 3]
+    .venv/bin/python bench/endtoend.py [--messages 2000] [--sessions 20] [--size 2048] [--rounds 3] [--settle 61]
 """
 
 from __future__ import annotations
