@@ -76,6 +76,18 @@ class Status:
         return cls(int(data["code"]), str(data["enhanced"]), str(data["text"]))
 
 
+class StatusError(Exception):
+    """
+    A failure that amounts to one SMTP reply: C{status} is what the affected
+    recipients get.  Subclasses say where it happened, so callers catch only
+    the ones they can handle.
+    """
+
+    def __init__(self, status: Status) -> None:
+        super().__init__(str(status))
+        self.status = status
+
+
 def temporary(enhanced: str, text: str, code: int = 451) -> Status:
     """A transient failure: the sender (or our queue) tries again later."""
     return Status(code, enhanced, text)

@@ -23,12 +23,12 @@ from typing import Any
 import dns.exception
 import dns.rdatatype
 import dns.resolver
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from relay.delivery import remote
-from relay.envelope import DeliveryResult, Envelope, Recipient, Status
+from relay.envelope import DeliveryResult, Envelope, Recipient, Status, StatusError
 from relay.errors import OptionError
 from relay.interfaces import IDeliveryBackend
 from relay.plugin import choiceOption, portOption
@@ -41,10 +41,8 @@ NO_DOMAIN = Status(550, "5.1.2", "recipient domain does not exist")
 NO_HOSTS = Status(451, "4.4.4", "no address for any mail exchanger of the recipient domain")
 
 
-class DestinationError(Exception):
-    def __init__(self, status: Status) -> None:
-        super().__init__(str(status))
-        self.status = status
+class DestinationError(StatusError):
+    """The recipient domain has no usable mail exchanger: null MX, no such domain, DNS failure."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +154,10 @@ class MXBackend:
         byDomain: dict[str, list[Recipient]] = {}
         for recipient in recipients:
             byDomain.setdefault(recipient.address.rpartition("@")[2].lower(), []).append(recipient)
-        attempts = [remote.run(self._domain(domain, envelope, rcpts, openData)) for domain, rcpts in byDomain.items()]
+        attempts = [
+            Deferred.fromCoroutine(self._domain(domain, envelope, rcpts, openData))
+            for domain, rcpts in byDomain.items()
+        ]
         d = gatherResults(attempts, consumeErrors=True)
         d.addCallback(lambda lists: [result for each in lists for result in each])
         return d

@@ -20,7 +20,7 @@ from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from relay.envelope import DeliveryResult, Envelope, Recipient, Status
+from relay.envelope import DeliveryResult, Envelope, Recipient, Status, StatusError
 from relay.smtp.client import (
     ClientSettings,
     GreetingError,
@@ -39,12 +39,8 @@ log = Logger()
 CONNECT_TIMEOUT = 30.0
 
 
-class Unreachable(Exception):
+class Unreachable(StatusError):
     """No session with this host: connection refused or timed out, or no 220 greeting."""
-
-    def __init__(self, status: Status) -> None:
-        super().__init__(str(status))
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,7 @@ class SessionPool:
     def give(self, key: Any, client: SMTPClient) -> None:
         sessions = self._idle.setdefault(key, [])
         if len(sessions) >= self.perHost or not client.alive:
-            run(quitSession(client))
+            Deferred.fromCoroutine(quitSession(client))
             return
 
         def expire() -> None:
@@ -109,7 +105,7 @@ class SessionPool:
                 if each is client:
                     del sessions[i]
                     break
-            run(quitSession(client))
+            Deferred.fromCoroutine(quitSession(client))
 
         sessions.append((client, self.clock.callLater(self.idle, expire)))
 
@@ -120,7 +116,7 @@ class SessionPool:
             for client, timer in sessions:
                 if timer.active():
                     timer.cancel()
-                run(quitSession(client))
+                Deferred.fromCoroutine(quitSession(client))
 
 
 async def _reused(pool: SessionPool, key: Any, message: Outgoing) -> Outcome | None:
@@ -215,7 +211,3 @@ def results(recipients: Sequence[Recipient], outcome: Outcome) -> list[DeliveryR
 
 def everyone(recipients: Sequence[Recipient], status: Status) -> list[DeliveryResult]:
     return [DeliveryResult(r.address, status) for r in recipients]
-
-
-def run(coroutine: Any) -> Deferred[Any]:
-    return Deferred.fromCoroutine(coroutine)

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -57,7 +58,7 @@ class SmartHostBackend:
         )
 
     def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], openData: Any) -> Any:
-        return remote.run(self._deliver(envelope, recipients, openData))
+        return Deferred.fromCoroutine(self._deliver(envelope, recipients, openData))
 
     async def _deliver(
         self, envelope: Envelope, recipients: Sequence[Recipient], openData: Any

@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
-from relay.envelope import Recipient, Status
+from relay.envelope import Recipient, Status, StatusError
 from relay.smtp.dotwriter import DotWriter
 from relay.smtp.params import encodeXtext
 
@@ -70,12 +70,11 @@ class Reply:
         return Status(self.code, default, self.text)
 
 
-class SessionError(Exception):
+class SessionError(StatusError):
     """The session failed before or outside the transaction: every recipient gets C{status}."""
 
     def __init__(self, status: Status, tlsFailed: bool = False) -> None:
-        super().__init__(str(status))
-        self.status = status
+        super().__init__(status)
         self.tlsFailed = tlsFailed  # the STARTTLS handshake failed: a plain retry may work
 
 
