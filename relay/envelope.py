@@ -44,16 +44,24 @@ class Status:
         if "\r" in self.text or "\n" in self.text:
             raise ValueError("status text must be a single line")
 
+    # The one place an outcome is read from a code.  Only a 2xx is success:
+    # a 3xx (or any code a peer had no business sending) where an outcome
+    # was due is neither delivered nor failed, so whoever acts on a Status
+    # retries it, and nothing is marked delivered that was not.
+
     @property
     def ok(self) -> bool:
-        return 200 <= self.code < 400
+        """Accepted or delivered: a 2xx."""
+        return 200 <= self.code < 300
 
     @property
     def temporary(self) -> bool:
+        """A 4xx: try again later."""
         return 400 <= self.code < 500
 
     @property
     def permanent(self) -> bool:
+        """A 5xx: nobody should try again."""
         return self.code >= 500
 
     def reply(self) -> bytes:

@@ -7,6 +7,19 @@ second EHLO, AUTH, then one transaction -- MAIL, every RCPT and DATA in one
 flight when the server offers PIPELINING -- and QUIT.  Every wait is bounded
 by the RFC 5321 4.5.3.2 client timeouts.
 
+Every reply is classified once, by L{expect}, against the command it answers:
+the positive codes that command asks for, 4xx (temporary) or 5xx (permanent).
+Anything else -- a 2xx or 3xx where it was not asked for, a code outside
+200-599, a reply nobody asked for -- means the server and we no longer agree
+on where the session stands.  Then nothing it said in this transaction is
+trusted: the session is closed (never reused) and every recipient of the
+transaction is deferred, never marked delivered and never bounced.
+
+The body is streamed: a push producer reads the queued file a block at a
+time and writes it as fast as the connection drains, so memory per session
+stays bounded whatever the message size, and a next hop that stops reading
+for longer than the data-block timeout costs the session, not the process.
+
 The outcome is one L{relay.envelope.Status} per recipient: what the server
 said to that RCPT, or, for the recipients it accepted, what it said at the
 end of the data.  A failure before the transaction (no greeting, TLS refused
@@ -18,30 +31,32 @@ from __future__ import annotations
 
 import base64
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from relay.envelope import Recipient, Status, StatusError
 from relay.smtp.dotwriter import DotWriter
 from relay.smtp.params import encodeXtext
 
-# RFC 5321 4.5.3.2, in seconds.  MAIL and RCPT share one (5 minutes each);
-# the body is handed to the transport whole, so its blocks are bounded by the
-# wait for the end-of-data reply rather than one by one.
+# RFC 5321 4.5.3.2, in seconds.  MAIL and RCPT share one (5 minutes each).
 GREETING_TIMEOUT = 300.0
 MAIL_TIMEOUT = 300.0
-DATA_TIMEOUT = 120.0
-DATA_END_TIMEOUT = 600.0
+DATA_TIMEOUT = 120.0  # the reply to DATA
+BLOCK_TIMEOUT = 180.0  # each block of the body: the next hop must take it in this time
+DATA_END_TIMEOUT = 600.0  # the reply to the end of the data
 QUIT_TIMEOUT = 30.0
 
 CHUNK = 64 * 1024
 MAX_REPLY_LINES = 100
 MAX_LINE = 4096
+MAX_STATUS_TEXT = 1000  # of a peer's reply kept in a recipient's status (envelope, DSN, logs)
 
 
 class TLSPolicy(enum.Enum):
@@ -50,6 +65,30 @@ class TLSPolicy(enum.Enum):
     REQUIRED = "required"  # STARTTLS or no delivery; certificate not checked
     VERIFY = "verify"  # STARTTLS with a certificate valid for the host name
     IMPLICIT = "implicit"  # TLS from the first byte (the connection is already wrapped)
+
+
+class Stage(enum.Enum):
+    """
+    What a reply answers, with the codes that mean "yes" to it (RFC 5321
+    4.3.2, RFC 3030, RFC 3207, RFC 4954).  4xx and 5xx are in step with any
+    command; every other code is in step with none but these.
+    """
+
+    GREETING = ("greeting", frozenset({220}))
+    EHLO = ("EHLO", frozenset({250}))
+    HELO = ("HELO", frozenset({250}))
+    STARTTLS = ("STARTTLS", frozenset({220}))
+    AUTH = ("AUTH", frozenset({235, 334}))
+    RSET = ("RSET", frozenset({250}))
+    MAIL = ("MAIL", frozenset({250}))
+    RCPT = ("RCPT", frozenset({250, 251, 252}))
+    DATA = ("DATA", frozenset({354}))
+    END = ("end of data", frozenset({250}))
+    BDAT = ("BDAT", frozenset({250}))
+
+    def __init__(self, label: str, positive: frozenset[int]) -> None:
+        self.label = label
+        self.positive = positive
 
 
 @dataclass(frozen=True)
@@ -61,13 +100,28 @@ class Reply:
     def text(self) -> str:
         return " ".join(self.lines)
 
-    def status(self, default: str) -> Status:
-        """As a Status; the enhanced code from the reply when it carries one (RFC 2034)."""
+    @property
+    def inStep(self) -> bool:
+        """A refusal: an answer any command may get."""
+        return 400 <= self.code <= 599
+
+    def status(self, default: str | None = None) -> Status:
+        """
+        As a Status; the enhanced code from the reply when it carries one of
+        the right class (RFC 2034), else C{default} if it is of the right
+        class, else the class's X.0.0.  Only for 2xx, 4xx and 5xx replies.
+        """
+        klass = str(self.code // 100)
         first, _, rest = self.lines[0].partition(" ") if self.lines else ("", "", "")
         parts = first.split(".")
-        if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] == str(self.code // 100):
-            return Status(self.code, first, " ".join([rest, *self.lines[1:]]).strip() or first)
-        return Status(self.code, default, self.text)
+        if len(parts) == 3 and all(p.isdigit() and len(p) <= 3 for p in parts) and parts[0] == klass:
+            text = " ".join([rest, *self.lines[1:]]).strip() or first
+            return Status(self.code, first, _printable(text, MAX_STATUS_TEXT))
+        enhanced = default if default is not None and default[:1] == klass else f"{klass}.0.0"
+        return Status(self.code, enhanced, _printable(self.text, MAX_STATUS_TEXT) or str(self.code))
+
+    def firstWord(self) -> str:
+        return self.lines[0].split(" ", 1)[0].lower() if self.lines else ""
 
 
 class SessionError(StatusError):
@@ -79,7 +133,15 @@ class SessionError(StatusError):
 
 
 class GreetingError(SessionError):
-    """No 220 greeting: another host of the destination may do better."""
+    """No 220 greeting, or a refused EHLO/HELO that is not final: another host of the destination may do better."""
+
+
+class LoopError(SessionError):
+    """The server greets with our own name: the mail would come back to us (RFC 5321 5.1's "loops back to myself")."""
+
+
+class OutOfStep(SessionError):
+    """A reply that does not answer the command it follows: the session can no longer be trusted."""
 
 
 @dataclass
@@ -115,6 +177,7 @@ class ClientSettings:
     greetingTimeout: float = GREETING_TIMEOUT
     commandTimeout: float = MAIL_TIMEOUT
     dataTimeout: float = DATA_TIMEOUT
+    blockTimeout: float = BLOCK_TIMEOUT
     dataEndTimeout: float = DATA_END_TIMEOUT
 
 
@@ -122,8 +185,21 @@ def _temporary(text: str, enhanced: str = "4.4.2") -> Status:
     return Status(451, enhanced, text)
 
 
+def _printable(text: str, limit: int = 120) -> str:
+    """Peer text for our own statuses and logs: one line, no control characters, bounded."""
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return cleaned + ("..." if len(text) > limit else "")
+
+
 class SMTPClient(Protocol):
-    """Reads replies, one at a time, for L{deliver}."""
+    """
+    Reads replies, one at a time, for L{deliver}.
+
+    It counts the replies it is owed (one per command sent, one for the
+    greeting): a reply beyond that is one nobody asked for, and the
+    connection is closed at once.  So what a server can make us hold is
+    bounded by what we sent, whatever it floods us with.
+    """
 
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
@@ -132,6 +208,7 @@ class SMTPClient(Protocol):
         self._replies: list[Reply] = []
         self._waiting: list[Deferred[Reply]] = []
         self._lost: Failure | None = None
+        self._owed = 1  # the greeting
         self.extensions: dict[str, str] = {}
         self.tls = False
         self.repliesReceived = 0
@@ -140,43 +217,71 @@ class SMTPClient(Protocol):
     # -- transport ---------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        while b"\n" in self._buffer:
-            raw, self._buffer = self._buffer.split(b"\n", 1)
-            self._line(raw.rstrip(b"\r").decode("utf-8", "replace"))
+        if self._lost is not None:
+            return
+        buffer = self._buffer + data if self._buffer else data
+        start = 0
+        while self._lost is None:
+            nl = buffer.find(b"\n", start)
+            if nl == -1:
+                break
+            if nl - start > MAX_LINE:
+                return self._abort("reply line too long")
+            self._line(buffer[start:nl].rstrip(b"\r").decode("utf-8", "replace"))
+            start = nl + 1
+        self._buffer = buffer[start:] if self._lost is None else b""
         if len(self._buffer) > MAX_LINE:
+            self._buffer = b""
             self._abort("reply line too long")
 
     def _line(self, line: str) -> None:
         if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3] not in " -"):
-            return self._abort(f"bad reply line {line[:80]!r}")
+            return self._abort(f"bad reply line {_printable(line, 80)!r}")
         self._lines.append(line[4:])
         if len(self._lines) > MAX_REPLY_LINES:
             return self._abort("reply too long")
         if len(line) == 3 or line[3] == " ":
             reply = Reply(int(line[:3]), tuple(self._lines))
             self._lines = []
+            if self._owed <= 0:
+                return self._abort(f"reply nobody asked for: {reply.code} {_printable(reply.text, 80)}")
+            self._owed -= 1
             self.repliesReceived += 1
             if self._waiting:
                 self._waiting.pop(0).callback(reply)
             else:
                 self._replies.append(reply)
 
-    def _abort(self, why: str) -> None:
-        self._lost = Failure(SessionError(_temporary(f"protocol error from server: {why}", "4.5.0")))
-        self.transport.abortConnection()
+    def _abort(self, why: str, error: type[SessionError] = OutOfStep) -> None:
+        if self._lost is None:
+            self._lost = Failure(error(_temporary(f"protocol error from server: {why}", "4.5.0")))
+        if self.transport is not None:
+            self.transport.abortConnection()
+        self._failWaiting()
+
+    def _failWaiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(self._lost)
+
+    def outOfStep(self, stage: Stage, reply: Reply) -> OutOfStep:
+        """Close the session over a reply that does not answer C{stage}; the error to raise."""
+        self._abort(f"unexpected reply to {stage.label}: {reply.code} {_printable(reply.text, 80)}")
+        assert self._lost is not None
+        error = self._lost.value
+        return error if isinstance(error, OutOfStep) else OutOfStep(error.status)
 
     @property
     def alive(self) -> bool:
-        """Connected, and nothing has gone wrong: a session that can be reused."""
-        return self._lost is None and self.transport is not None and not self.transport.disconnecting
+        """Connected, nothing owed, and nothing has gone wrong: a session that can be reused."""
+        return (
+            self._lost is None and self._owed == 0 and self.transport is not None and not self.transport.disconnecting
+        )
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._lost is None:
             self._lost = Failure(SessionError(_temporary("connection lost", "4.4.2")))
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.errback(self._lost)
+        self._failWaiting()
 
     # -- for deliver() -----------------------------------------------------
 
@@ -200,8 +305,20 @@ class SMTPClient(Protocol):
         d.addErrback(timedOut)
         return d
 
+    async def expect(self, stage: Stage, timeout: float) -> Reply:
+        """The next reply, which must answer C{stage}: else L{OutOfStep} (and the session is closed)."""
+        reply = await self.reply(timeout)
+        if reply.code in stage.positive or reply.inStep:
+            return reply
+        raise self.outOfStep(stage, reply)
+
     def send(self, line: str) -> None:
-        self.transport.write(line.encode("utf-8") + b"\r\n")
+        self.sendRaw(line.encode("utf-8") + b"\r\n")
+
+    def sendRaw(self, data: bytes, replies: int = 1) -> None:
+        """Bytes that C{replies} replies will answer."""
+        self._owed += replies
+        self.transport.write(data)
 
     def startTLS(self) -> None:
         self.transport.startTLS(self.settings.tlsOptions)
@@ -216,18 +333,33 @@ def _extensions(reply: Reply) -> dict[str, str]:
     return found
 
 
+def _checkLoop(client: SMTPClient, reply: Reply, what: str) -> None:
+    if reply.code // 100 == 2 and reply.firstWord() == client.settings.helo.lower():
+        client.transport.abortConnection()
+        why = f"mail loops back to myself: the next hop's {what} names {reply.firstWord()}"
+        raise LoopError(Status(554, "5.4.6", why))
+
+
 async def _hello(client: SMTPClient) -> None:
+    """EHLO, or HELO when EHLO is refused for good; a temporary refusal of either lets another host try."""
     settings = client.settings
     client.send(f"EHLO {settings.helo}")
-    reply = await client.reply(settings.commandTimeout)
+    reply = await client.expect(Stage.EHLO, settings.commandTimeout)
     if reply.code == 250:
+        _checkLoop(client, reply, "EHLO reply")
         client.extensions = _extensions(reply)
         return
+    if reply.code < 500:
+        raise GreetingError(reply.status("4.4.2"))
     client.send(f"HELO {settings.helo}")
-    reply = await client.reply(settings.commandTimeout)
-    if reply.code != 250:
-        raise SessionError(reply.status("4.5.0" if reply.code < 500 else "5.5.0"))
-    client.extensions = {}
+    reply = await client.expect(Stage.HELO, settings.commandTimeout)
+    if reply.code < 400:
+        _checkLoop(client, reply, "HELO reply")
+        client.extensions = {}
+        return
+    if reply.code < 500:
+        raise GreetingError(reply.status("4.4.2"))
+    raise SessionError(reply.status("5.5.0"))
 
 
 async def _auth(client: SMTPClient) -> None:
@@ -239,21 +371,24 @@ async def _auth(client: SMTPClient) -> None:
     if "PLAIN" in mechanisms:
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
         client.send(f"AUTH PLAIN {token}")
-        reply = await client.reply(settings.commandTimeout)
+        reply = await client.expect(Stage.AUTH, settings.commandTimeout)
     elif "LOGIN" in mechanisms:
         client.send("AUTH LOGIN")
-        reply = await client.reply(settings.commandTimeout)
+        reply = await client.expect(Stage.AUTH, settings.commandTimeout)
         for answer in (user, password):
             if reply.code != 334:
                 break
             client.send(base64.b64encode(answer.encode()).decode())
-            reply = await client.reply(settings.commandTimeout)
+            reply = await client.expect(Stage.AUTH, settings.commandTimeout)
     else:
         # Never sent in the clear to a server that did not offer it.
         raise SessionError(_temporary("smart host offers no AUTH PLAIN or LOGIN", "4.7.0"))
+    if reply.code == 334:
+        raise client.outOfStep(Stage.AUTH, reply)  # a challenge after the last answer
     if reply.code != 235:
         # A wrong password is the operator's to fix: the mail waits, it does not bounce.
-        raise SessionError(Status(454 if reply.code >= 500 else reply.code, "4.7.8", f"AUTH refused: {reply.text}"))
+        text = f"AUTH refused: {_printable(reply.text)}"
+        raise SessionError(Status(454 if reply.code >= 500 else reply.code, "4.7.8", text))
 
 
 async def openSession(client: SMTPClient) -> None:
@@ -261,7 +396,12 @@ async def openSession(client: SMTPClient) -> None:
     settings = client.settings
     greeting = await client.reply(settings.greetingTimeout)
     if greeting.code != 220:
-        raise GreetingError(greeting.status("4.4.2" if greeting.code < 500 else "5.4.0"))
+        # Another host may do better, whatever this one said (Postfix's smtp_skip_5xx_greeting).
+        if greeting.inStep:
+            raise GreetingError(greeting.status("4.4.2" if greeting.code < 500 else "5.4.0"))
+        client.outOfStep(Stage.GREETING, greeting)
+        raise GreetingError(_temporary(f"greeting was {greeting.code} {_printable(greeting.text, 80)}, not 220"))
+    _checkLoop(client, greeting, "greeting")
     await _hello(client)
     policy = settings.tls
     if policy in (TLSPolicy.OPPORTUNISTIC, TLSPolicy.REQUIRED, TLSPolicy.VERIFY) and not client.tls:
@@ -270,14 +410,16 @@ async def openSession(client: SMTPClient) -> None:
                 raise SessionError(_temporary("server does not offer STARTTLS, which is required", "4.7.4"))
         else:
             client.send("STARTTLS")
-            reply = await client.reply(settings.commandTimeout)
+            reply = await client.expect(Stage.STARTTLS, settings.commandTimeout)
             if reply.code != 220:
                 if policy is not TLSPolicy.OPPORTUNISTIC:
-                    raise SessionError(_temporary(f"STARTTLS refused: {reply.text}", "4.7.4"))
+                    raise SessionError(_temporary(f"STARTTLS refused: {_printable(reply.text)}", "4.7.4"))
             else:
                 client.startTLS()
                 try:
                     await _hello(client)  # the first reply after the handshake: it fails if the handshake does
+                except LoopError:
+                    raise
                 except SessionError as e:
                     raise SessionError(
                         _temporary(f"TLS handshake failed: {e.status.text}", "4.7.5"), tlsFailed=True
@@ -347,23 +489,35 @@ def _unsendable(client: SMTPClient, outgoing: Outgoing) -> Status | None:
 
 
 async def transaction(client: SMTPClient, outgoing: Outgoing) -> Outcome:
-    """One message: per-recipient statuses (the caller then QUITs or reuses the session)."""
-    settings = client.settings
+    """
+    One message: per-recipient statuses (the caller then QUITs or reuses the session).
+
+    @raise SessionError: the session failed during the transaction (the
+        connection went, a wait timed out, a reply was out of step): every
+        recipient is to be deferred, and the session must not be reused.
+    """
     outcome = Outcome(dsnPassed="DSN" in client.extensions)
     refusal = _unsendable(client, outgoing)
     if refusal is not None:
         outcome.statuses = {r.address: refusal for r in outgoing.recipients}
         return outcome
+    await _transaction(client, outgoing, outcome)
+    return outcome
+
+
+async def _transaction(client: SMTPClient, outgoing: Outgoing, outcome: Outcome) -> None:
+    settings = client.settings
     pipelining = "PIPELINING" in client.extensions
     if client.needsReset:
         # The previous transaction on this session did not reach its end.
         client.send("RSET")
         if not pipelining:
-            await client.reply(settings.commandTimeout)
+            await _reset(client)
     reset = client.needsReset and pipelining
     client.needsReset = True  # until this transaction ends
     commands = [_mailCommand(client, outgoing), *(_rcptCommand(client, r) for r in outgoing.recipients)]
     chunking = "CHUNKING" in client.extensions
+    stages = [Stage.MAIL, *(Stage.RCPT for _ in outgoing.recipients)]
     if pipelining:
         # RFC 2920: MAIL, every RCPT and DATA in one flight.
         for command in commands:
@@ -371,13 +525,13 @@ async def transaction(client: SMTPClient, outgoing: Outgoing) -> Outcome:
         if not chunking:
             client.send("DATA")
         if reset:
-            await client.reply(settings.commandTimeout)  # RSET's, sent first in the flight
-        replies = [await client.reply(settings.commandTimeout) for _ in commands]
+            await _reset(client)  # RSET's, sent first in the flight
+        replies = [await client.expect(stage, settings.commandTimeout) for stage in stages]
     else:
         replies = []
-        for command in commands:
+        for command, stage in zip(commands, stages, strict=True):
             client.send(command)
-            replies.append(await client.reply(settings.commandTimeout))
+            replies.append(await client.expect(stage, settings.commandTimeout))
             if replies[0].code != 250:
                 break
     mail, rcpts = replies[0], replies[1:]
@@ -385,68 +539,193 @@ async def transaction(client: SMTPClient, outgoing: Outgoing) -> Outcome:
         status = mail.status("4.5.0" if mail.code < 500 else "5.5.0")
         outcome.statuses = {r.address: status for r in outgoing.recipients}
         if pipelining and not chunking:
-            await client.reply(settings.dataTimeout)  # DATA's reply (an error)
+            await _unwantedData(client)
         client.needsReset = False  # no transaction was opened
-        return outcome
+        return
     accepted = []
     for recipient, reply in zip(outgoing.recipients, rcpts, strict=True):
-        if reply.code in (250, 251):
-            accepted.append(recipient)
+        if reply.code in Stage.RCPT.positive:
+            accepted.append(recipient)  # 251 and 252 too: taken, so it is sent
         else:
             outcome.statuses[recipient.address] = reply.status("4.5.0" if reply.code < 500 else "5.1.1")
     if not accepted:
         if pipelining and not chunking:
-            data = await client.reply(settings.dataTimeout)
-            if data.code == 354:  # a server that takes DATA with no recipient: end it empty
-                client.transport.write(b".\r\n")
-                await client.reply(settings.dataEndTimeout)
-        return outcome
+            await _unwantedData(client)
+        return
     if chunking:
         end = await _bdat(client, outgoing)
     else:
         if not pipelining:
             client.send("DATA")
-        data = await client.reply(settings.dataTimeout)
+        data = await client.expect(Stage.DATA, settings.dataTimeout)
         if data.code != 354:
             status = data.status("4.5.0" if data.code < 500 else "5.5.0")
             for recipient in accepted:
                 outcome.statuses[recipient.address] = status
-            return outcome
+            return
         end = await _data(client, outgoing)
-    status = end.status("4.5.0" if end.code < 500 else "5.5.0") if end.code != 250 else end.status("2.0.0")
+    status = end.status("2.0.0" if end.code == 250 else "4.5.0" if end.code < 500 else "5.5.0")
     for recipient in accepted:
         outcome.statuses[recipient.address] = status
     client.needsReset = False  # the end-of-data reply ends the transaction, whatever it says
-    return outcome
+
+
+async def _reset(client: SMTPClient) -> None:
+    reply = await client.expect(Stage.RSET, client.settings.commandTimeout)
+    if reply.code != 250:
+        # A server that will not reset cannot be trusted with the next transaction.
+        raise client.outOfStep(Stage.RSET, reply)
+
+
+async def _unwantedData(client: SMTPClient) -> None:
+    """The reply to a pipelined DATA that no recipient came through for: a refusal, or a 354 ended at once."""
+    data = await client.expect(Stage.DATA, client.settings.dataTimeout)
+    if data.code == 354:
+        client.sendRaw(b".\r\n")  # an empty message to nobody: the server must refuse it
+        await client.expect(Stage.END, client.settings.dataEndTimeout)
+
+
+def _dotStuffed(source: BinaryIO) -> Iterator[bytes]:
+    """The DATA payload: the body with dots stuffed and line endings made CRLF, then the end marker."""
+    writer = DotWriter()
+    while chunk := source.read(CHUNK):
+        yield writer.feed(chunk)
+    yield writer.end()
+
+
+def _chunks(source: BinaryIO) -> Iterator[tuple[bytes, bool]]:
+    """The body in BDAT chunks, as they are; the last one marked."""
+    chunk = source.read(CHUNK)
+    while True:
+        following = source.read(CHUNK) if chunk else b""
+        last = not following
+        yield f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode() + chunk, last
+        if last:
+            return
+        chunk = following
 
 
 async def _data(client: SMTPClient, outgoing: Outgoing) -> Reply:
-    writer = DotWriter()
-    with outgoing.openData() as f:
-        while chunk := f.read(CHUNK):
-            client.transport.write(writer.feed(chunk))
-    client.transport.write(writer.end())
-    return await client.reply(client.settings.dataEndTimeout)
+    def pieces() -> Iterator[tuple[bytes, int]]:
+        with outgoing.openData() as source:
+            for piece in _dotStuffed(source):
+                yield piece, 0
+        yield b"", 1  # the end marker went with the last piece: its reply is owed from here
+
+    await BodySender(client, pieces()).send()
+    return await client.expect(Stage.END, client.settings.dataEndTimeout)
 
 
 async def _bdat(client: SMTPClient, outgoing: Outgoing) -> Reply:
-    """RFC 3030: chunks sent as they are; one reply per chunk (pipelined)."""
-    sent = 0
-    with outgoing.openData() as f:
-        chunk = f.read(CHUNK)
-        while True:
-            following = f.read(CHUNK) if chunk else b""
-            last = not following
-            client.transport.write(f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode() + chunk)
-            sent += 1
-            if last:
-                break
-            chunk = following
-    replies = [await client.reply(client.settings.dataEndTimeout) for _ in range(sent)]
-    for reply in replies:
-        if reply.code != 250:
-            return reply
-    return replies[-1]
+    """RFC 3030: chunks sent as they are; one reply per chunk (pipelined), read once all are sent."""
+
+    def pieces() -> Iterator[tuple[bytes, int]]:
+        with outgoing.openData() as source:
+            for piece, _ in _chunks(source):
+                yield piece, 1
+
+    sender = BodySender(client, pieces())
+    await sender.send()
+    first: Reply | None = None
+    for _ in range(sender.replies):
+        reply = await client.expect(Stage.BDAT, client.settings.dataEndTimeout)
+        if first is None and reply.code != 250:
+            first = reply  # the chunk that failed decides; the rest are still read, in step
+        last = reply
+    return first or last
+
+
+@implementer(IPushProducer)
+class BodySender:
+    """
+    Writes a body into the client's transport as fast as it drains: a
+    streaming producer, paused by the transport when its buffer is full and
+    resumed when it has room.  Memory is one block plus the transport's
+    buffer.  Paused for longer than the block timeout: the next hop has stopped
+    reading, and the session is aborted.
+
+    C{pieces} yields (bytes, replies owed for them); it is read lazily, so the
+    file behind it is read a block at a time.
+    """
+
+    def __init__(self, client: SMTPClient, pieces: Iterator[tuple[bytes, int]]) -> None:
+        self.client = client
+        self.replies = 0
+        self._pieces = pieces
+        self._paused = False
+        self._writing = False
+        self._timer: Any = None
+        self._done: Deferred[None] = Deferred()
+
+    def send(self) -> Deferred[None]:
+        """Fires when every piece is in the transport; fails if the session goes first."""
+        if self.client._lost is not None:
+            self._pieces.close()
+            return fail(self.client._lost)
+        self.client.transport.registerProducer(self, True)
+        self._write()
+        return self._done
+
+    def _write(self) -> None:
+        if self._writing:
+            return  # resumed from inside our own write: the loop below goes on
+        self._writing = True
+        try:
+            while not self._paused and not self._done.called:
+                try:
+                    piece, owed = next(self._pieces)
+                except StopIteration:
+                    self._finish(None)
+                    return
+                except Exception:
+                    self._finish(Failure())
+                    return
+                if piece or owed:
+                    self.replies += owed
+                    self.client.sendRaw(piece, owed)
+        finally:
+            self._writing = False
+
+    def _finish(self, failure: Failure | None) -> None:
+        if self._done.called:
+            return
+        self._cancelTimer()
+        self._pieces.close()
+        transport = self.client.transport
+        if transport is not None and getattr(transport, "producer", self) is self:
+            transport.unregisterProducer()
+        if failure is None:
+            self._done.callback(None)
+        else:
+            self._done.errback(failure)
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _stalled(self) -> None:
+        self._timer = None
+        stalled = _temporary("timeout sending data: the next hop stopped reading", "4.4.2")
+        self.client._lost = Failure(SessionError(stalled))
+        self._finish(self.client._lost)
+        self.client.transport.abortConnection()
+
+    # -- IPushProducer -----------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._timer is None and not self._done.called:
+            self._timer = self.client.settings.clock.callLater(self.client.settings.blockTimeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._cancelTimer()
+        if not self._done.called:
+            self._write()
+
+    def stopProducing(self) -> None:
+        self._finish(self.client._lost or Failure(SessionError(_temporary("connection lost while sending data"))))
 
 
 async def quit(client: SMTPClient) -> None:
