@@ -673,3 +673,30 @@ def test_spares_removed_behind_the_store_s_back_are_skipped(tmp_path):
     first, second = queueOne(store), queueOne(store)
     assert result(makeStore(tmp_path).recover()) == [first, second]
     assert spares(tmp_path) == {}
+
+
+def test_a_client_faster_than_the_worker_is_held_back(tmp_path):
+    """Past MAX_UNWRITTEN bytes the worker has not written yet, the incoming message asks the session to wait."""
+    pending: list[tuple] = []
+
+    def deferred(f, *args):
+        d = Deferred()
+        pending.append((d, f, args))
+        return d
+
+    store = FilesystemQueueStore(tmp_path, deferred, Clock(), SYNC)
+    incoming = store.begin()
+    block = b"x" * 998 + b"\r\n"
+    written = 0
+    while incoming.writable() is None:
+        incoming.write(block * 64)
+        written += len(block) * 64
+        assert written < 10 * filesystem.MAX_UNWRITTEN, "never held back"
+    assert filesystem.MAX_UNWRITTEN < written <= filesystem.MAX_UNWRITTEN + filesystem.SPILL + len(block) * 64
+    caughtUp = incoming.writable()
+    assert not caughtUp.called
+    while pending and not caughtUp.called:
+        waiting, f, args = pending.pop(0)
+        waiting.callback(f(*args))
+    assert caughtUp.called and incoming.writable() is None
+    incoming.abort()

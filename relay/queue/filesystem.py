@@ -62,6 +62,12 @@ SPILL = 256 * 1024
 """Bytes of a message held in memory before they are appended to its incoming
 file; most messages are smaller and never touch the disk before commit."""
 
+MAX_UNWRITTEN = 4 * SPILL
+"""Bytes of one message handed to the worker and not yet written by it.
+Past this, L{FilesystemIncoming.writable} asks the session to stop reading
+from its client until the worker catches up: a client faster than the disk
+costs the relay this much memory, not the whole message."""
+
 _OPEN, _COMMITTING, _COMMITTED, _FAILED, _ABORTED = range(5)
 
 
@@ -255,6 +261,8 @@ class FilesystemIncoming:
         self._buffered = 0
         self._size = 0
         self._spilled = False
+        self._unwritten = 0
+        self._caughtUp: Deferred[None] | None = None
         self._error: Failure | None = None
         self._state = _OPEN
 
@@ -275,11 +283,36 @@ class FilesystemIncoming:
         self._chunks, self._buffered = [], 0
         self._spilled = True
         # Requests are carried out in order: no need to wait for this one.
-        self._store.engine.submit((APPEND, self.queue_id, chunk, b"")).addErrback(self._spillFailed)
+        self._unwritten += len(chunk)
+        d = self._store.engine.submit((APPEND, self.queue_id, chunk, b""))
+        d.addCallbacks(self._appended, self._spillFailed, callbackArgs=(len(chunk),))
+
+    def _appended(self, _: object, size: int) -> None:
+        self._unwritten -= size
+        if self._unwritten <= MAX_UNWRITTEN // 2:
+            self._release()
+
+    def _release(self) -> None:
+        caughtUp, self._caughtUp = self._caughtUp, None
+        if caughtUp is not None:
+            caughtUp.callback(None)
+
+    def writable(self) -> Deferred[None] | None:
+        """
+        Back-pressure: None while more may be written at once, else a
+        Deferred that fires once the worker has caught up (or failed, which
+        the next L{write} or the commit reports).
+        """
+        if self._unwritten <= MAX_UNWRITTEN or self._state != _OPEN or self._error is not None:
+            return None
+        if self._caughtUp is None:
+            self._caughtUp = Deferred()
+        return self._caughtUp
 
     def _spillFailed(self, failure: Failure) -> None:
         if self._error is None:
             self._error = failure
+        self._release()
 
     def commit(self, envelope: Envelope) -> Deferred[None]:
         if self._state != _OPEN:
@@ -328,6 +361,7 @@ class FilesystemIncoming:
             return
         self._state = _ABORTED
         self._chunks, self._buffered = [], 0
+        self._release()
         self._store._ours.discard(self.queue_id)
         self._discard()
 
