@@ -36,6 +36,14 @@ class PluginContext:
     @ivar blocking: C{blocking(f, *args)} runs C{f} in a worker thread and
         returns a Deferred of its result.
     @ivar section: the section the plugin was configured in, for log lines.
+    @ivar listening: C{(interface, port)} of every TCP listener of this relay,
+        the interface as configured (C{""}, C{"0.0.0.0"} or C{"::"} for every
+        local address): a delivery backend must not connect back to one of
+        them, or mail loops.
+    @ivar delivery_timeout: C{[queue] delivery_timeout}, the scheduler's bound
+        on one call of a backend's C{deliver}; a backend that has deadlines of
+        its own keeps them shorter, so that its precise reason is the one
+        recorded.
     """
 
     reactor: Any
@@ -44,6 +52,8 @@ class PluginContext:
     state_dir: Path
     section: str = ""
     blocking: Callable[..., Deferred[Any]] = field(default=runInline)
+    listening: tuple[tuple[str, int], ...] = ()
+    delivery_timeout: float = 600.0
 
 
 def _pluginsPackage() -> Any:

@@ -94,6 +94,23 @@ def _tlsOptions(settings: Settings) -> Any:
         raise ConfigError(str(settings.path), "tls", e.key, e.message) from None
 
 
+def _listening(settings: Settings, reactor: Any) -> tuple[tuple[str, int], ...]:
+    """
+    C{(interface, port)} of each TCP listener, for backends that must not
+    deliver to this relay itself.  The endpoint is only parsed here (nothing is
+    bound); endpoints that are not TCP (UNIX sockets, systemd) and port 0 are
+    left out: no MX can name them.
+    """
+    found = []
+    for listener in settings.listeners:
+        endpoint = serverFromString(reactor, listener.endpoint)
+        port = getattr(endpoint, "_port", None)
+        interface = getattr(endpoint, "_interface", None)
+        if isinstance(port, int) and port > 0 and isinstance(interface, str):
+            found.append((interface, port))
+    return tuple(found)
+
+
 def buildService(settings: Settings, reactor: Any) -> RelayService:
     """
     Build every component named by the settings.
@@ -105,6 +122,8 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
     def blocking(f: Any, *args: Any, **kwargs: Any) -> Any:
         return deferToThreadPool(reactor, pool, f, *args, **kwargs)
 
+    listening = _listening(settings, reactor)
+
     def context(section: str) -> plugin.PluginContext:
         return plugin.PluginContext(
             reactor=reactor,
@@ -113,6 +132,8 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
             state_dir=settings.state_dir,
             section=section,
             blocking=blocking,
+            listening=listening,
+            delivery_timeout=settings.queue.delivery_timeout,
         )
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)

@@ -3,19 +3,29 @@ The MX backend: deliver to each recipient domain's mail exchangers.
 
 Lookups use dnspython in a worker thread (C{blocking}), never in the reactor.
 MX records are tried by preference, equal preferences in random order, each
-host's addresses in turn (IPv4, then IPv6); a refused or timed-out connection
-or a greeting other than 220 moves on to the next.  A domain without MX is
-its own exchanger (RFC 5321 5.1); a null MX (RFC 7505) and a domain that does
-not exist fail permanently; a DNS failure defers.  Answers are cached for
-their TTL.
+host's addresses in turn (IPv4, then IPv6); a refused or timed-out connection,
+a greeting other than 220 or a 4xx to EHLO and HELO moves on to the next.  A
+domain without MX is its own exchanger (RFC 5321 5.1); a null MX (RFC 7505)
+and a domain that does not exist fail permanently; a DNS failure defers.
+Answers are cached for their TTL.
+
+The policy is Postfix's: at most C{max_mx} addresses per attempt
+(C{smtp_mx_address_limit}); an exchanger that is this relay itself (one of
+its listening addresses, at its port) ends the list together with every
+exchanger not preferred to it, and when that leaves none the mail "loops back
+to myself" (554 5.4.6), as it does when a server greets us, or answers EHLO,
+with our own host name; and one attempt at one domain has a deadline, shorter
+than the scheduler's C{delivery_timeout}, so that its reason is the one
+recorded.
 
 One session per recipient domain carries all its recipients.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +42,26 @@ from relay.envelope import DeliveryResult, Envelope, Recipient, Status, StatusEr
 from relay.errors import OptionError
 from relay.interfaces import IDeliveryBackend
 from relay.plugin import choiceOption, portOption
-from relay.smtp.client import ClientSettings, SessionError, TLSPolicy
+from relay.smtp.client import ClientSettings, LoopError, SessionError, TLSPolicy
 from relay.smtp.tls import TLSError, clientOptions
 
 TLS_MODES = ("opportunistic", "required", "verify")
 NULL_MX = Status(556, "5.1.10", "recipient domain accepts no mail (null MX)")
 NO_DOMAIN = Status(550, "5.1.2", "recipient domain does not exist")
 NO_HOSTS = Status(451, "4.4.4", "no address for any mail exchanger of the recipient domain")
+
+MAX_MX = 5  # addresses tried per attempt, as Postfix's smtp_mx_address_limit
+MAX_MX_LIMIT = 100
+# The deadline of one attempt at one domain, as a share of [queue] delivery_timeout
+# (570 s of the default 10 minutes): it fires before the scheduler's, with its reason.
+DEADLINE_SHARE = 0.95
+
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def loopsBack(domain: str) -> Status:
+    """Postfix's words and code for mail that would come back to us."""
+    return Status(554, "5.4.6", f"mail for {domain} loops back to myself")
 
 
 class DestinationError(StatusError):
@@ -128,6 +151,90 @@ class Resolver:
         return found
 
 
+def hostAddresses() -> frozenset[str]:
+    """
+    This host's own IP addresses, read from C{/proc} (Linux): the IPv4 ones
+    the kernel marks LOCAL in C{fib_trie}, the IPv6 ones in C{if_inet6}.
+    Empty elsewhere: loopback addresses are recognised without it.
+    """
+    found: set[str] = set()
+    try:
+        leaf = None
+        for line in Path("/proc/net/fib_trie").read_text().splitlines():
+            text = line.strip()
+            if text.startswith("|--"):
+                leaf = text[3:].strip()
+            elif text.startswith("/32 host LOCAL") and leaf is not None:
+                found.add(leaf)
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            found.add(str(ipaddress.IPv6Address(bytes.fromhex(line.split()[0]))))
+    except (OSError, ValueError, IndexError):
+        pass
+    return frozenset(found)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text.strip("[]").partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class Myself:
+    """
+    Which addresses and ports reach this relay's own listeners.
+
+    A listener on one interface is reached at that address alone; one on
+    every interface (C{""}, C{0.0.0.0}, C{::}) at any loopback address and any
+    address of this host (as C{localAddresses} finds them, once).  The
+    unspecified address (0.0.0.0, ::) reaches the local host too.
+    """
+
+    def __init__(
+        self,
+        listening: Iterable[tuple[str, int]],
+        localAddresses: Callable[[], frozenset[str]] = hostAddresses,
+    ) -> None:
+        self._exact: set[tuple[str, int]] = set()
+        self._everywhere: set[int] = set()
+        self._ports: set[int] = set()
+        for interface, port in listening:
+            self._ports.add(port)
+            if interface in _WILDCARDS:
+                self._everywhere.add(port)
+            else:
+                ip = _ip(interface)
+                self._exact.add((str(ip) if ip is not None else interface.lower(), port))
+        self._local = frozenset(str(_ip(a)) for a in localAddresses()) if self._everywhere else frozenset()
+
+    def __contains__(self, hop: tuple[str, int]) -> bool:
+        address, port = hop
+        if port not in self._ports:
+            return False
+        ip = _ip(address)
+        if ip is None:
+            return False
+        if ip.is_unspecified or (str(ip), port) in self._exact:
+            return True
+        return port in self._everywhere and (ip.is_loopback or str(ip) in self._local)
+
+
+@dataclass
+class _Progress:
+    """Where one attempt is, for the reason given when its deadline passes."""
+
+    step: str = "looking up the mail exchangers"
+    tried: int = 0
+    planned: int = 0
+    last: Status | None = None
+
+
 @implementer(IDeliveryBackend)
 class MXBackend:
     log = Logger()
@@ -140,6 +247,9 @@ class MXBackend:
         port: int = 25,
         tls: str = "opportunistic",
         caFile: Path | None = None,
+        maxMX: int = MAX_MX,
+        myself: Myself | None = None,
+        deadline: float = DEADLINE_SHARE * 600.0,
     ) -> None:
         self.reactor = reactor
         self.helo = helo
@@ -147,6 +257,9 @@ class MXBackend:
         self.port = port
         self.tls = tls
         self.caFile = caFile
+        self.maxMX = maxMX
+        self.myself = myself if myself is not None else Myself(())
+        self.deadline = deadline
         self.pool = remote.SessionPool(reactor)
         self._settings: dict[str, ClientSettings] = {}
 
@@ -154,12 +267,35 @@ class MXBackend:
         byDomain: dict[str, list[Recipient]] = {}
         for recipient in recipients:
             byDomain.setdefault(recipient.address.rpartition("@")[2].lower(), []).append(recipient)
-        attempts = [
-            Deferred.fromCoroutine(self._domain(domain, envelope, rcpts, openData))
-            for domain, rcpts in byDomain.items()
-        ]
+        attempts = [self._attempt(domain, envelope, rcpts, openData) for domain, rcpts in byDomain.items()]
         d = gatherResults(attempts, consumeErrors=True)
         d.addCallback(lambda lists: [result for each in lists for result in each])
+        return d
+
+    def _attempt(
+        self, domain: str, envelope: Envelope, recipients: list[Recipient], openData: Any
+    ) -> Deferred[list[DeliveryResult]]:
+        """
+        One domain's attempt, cancelled at the deadline: whatever it was doing
+        (a DNS lookup, a connection, a session) stops, and its recipients are
+        deferred with what was going on.
+        """
+        progress = _Progress()
+        d = Deferred.fromCoroutine(self._domain(domain, envelope, recipients, openData, progress))
+
+        def expired(result: Any, timeout: float) -> list[DeliveryResult]:
+            lookup = progress.tried == 0 and progress.planned == 0
+            text = (
+                f"delivery to {domain} took longer than {timeout:g} s, while {progress.step}"
+                f" (address {progress.tried} of {progress.planned} tried)"
+            )
+            if progress.last is not None:
+                text += f"; before: {progress.last.text}"
+            status = Status(451, "4.4.3" if lookup else "4.4.2", text)
+            self.log.info("{domain}: {status}", domain=domain, status=str(status))
+            return remote.everyone(recipients, status)
+
+        d.addTimeout(self.deadline, self.reactor, onTimeoutCancel=expired)
         return d
 
     def settingsFor(self, host: str) -> ClientSettings:
@@ -177,32 +313,82 @@ class MXBackend:
             self._settings[host] = settings
         return settings
 
+    async def hops(self, domain: str, exchangers: Sequence[Exchanger]) -> list[tuple[Exchanger, str]]:
+        """
+        The addresses to try, in order, at most C{maxMX} of them.
+
+        An exchanger with an address that is this relay (L{Myself}, at the mx
+        port) is dropped with every exchanger not preferred to it (Postfix's
+        C{smtp_truncate_self}): a backup MX hands the mail to a better one.
+        Exchangers past the limit are not looked up, except those as preferred
+        as the last one kept, which may be us.
+
+        @raise DestinationError: 5.4.6 when we are among the best exchangers.
+        """
+        found: list[tuple[Exchanger, str]] = []
+        for exchanger in exchangers:
+            if len(found) >= self.maxMX and exchanger.preference > found[-1][0].preference:
+                break
+            addresses = await self.resolver.addresses(exchanger.host)
+            ours = [address for address in addresses if (address, self.port) in self.myself]
+            if ours:
+                kept = [hop for hop in found if hop[0].preference < exchanger.preference]
+                self.log.info(
+                    "{domain}: MX {host} (preference {preference}) is this relay ({address} port {port});"
+                    " {kept} address(es) of better mail exchangers kept",
+                    domain=domain,
+                    host=exchanger.host,
+                    preference=exchanger.preference,
+                    address=ours[0],
+                    port=self.port,
+                    kept=len(kept),
+                )
+                if not kept:
+                    raise DestinationError(loopsBack(domain))
+                found = kept
+                break
+            found += [(exchanger, address) for address in addresses]
+        return found[: self.maxMX]
+
     async def _domain(
-        self, domain: str, envelope: Envelope, recipients: list[Recipient], openData: Any
+        self, domain: str, envelope: Envelope, recipients: list[Recipient], openData: Any, progress: _Progress
     ) -> list[DeliveryResult]:
         try:
             exchangers = await self.resolver.exchangers(domain)
+            progress.step = "looking up the addresses of its mail exchangers"
+            hops = await self.hops(domain, exchangers)
         except DestinationError as e:
             return remote.everyone(recipients, e.status)
+        progress.planned = len(hops)
         message = remote.outgoing(envelope, recipients, openData)
         last = NO_HOSTS
-        for exchanger in exchangers:
-            for address in await self.resolver.addresses(exchanger.host):
-                hop = remote.Hop(exchanger.host, address, self.port)
-                try:
-                    outcome = await remote.deliverTo(
-                        self.reactor, hop, self.settingsFor(exchanger.host), message, pool=self.pool
-                    )
-                except remote.Unreachable as e:
-                    self.log.info("{domain}: {status}; trying the next address", domain=domain, status=str(e.status))
-                    last = e.status
-                    continue
-                except SessionError as e:
-                    self.log.info(
-                        "{domain} via {host}: {status}", domain=domain, host=exchanger.host, status=str(e.status)
-                    )
-                    return remote.everyone(recipients, e.status)
-                return remote.results(recipients, outcome)
+        for exchanger, address in hops:
+            hop = remote.Hop(exchanger.host, address, self.port)
+            progress.tried += 1
+            progress.step = f"delivering to {exchanger.host}[{address}]:{self.port}"
+            try:
+                outcome = await remote.deliverTo(
+                    self.reactor, hop, self.settingsFor(exchanger.host), message, pool=self.pool
+                )
+            except remote.Unreachable as e:
+                self.log.info("{domain}: {status}; trying the next address", domain=domain, status=str(e.status))
+                last = progress.last = e.status
+                continue
+            except LoopError as e:
+                self.log.warn(
+                    "{domain}: {host}[{address}] is this relay ({why})",
+                    domain=domain,
+                    host=exchanger.host,
+                    address=address,
+                    why=e.status.text,
+                )
+                return remote.everyone(recipients, loopsBack(domain))
+            except SessionError as e:
+                self.log.info(
+                    "{domain} via {host}: {status}", domain=domain, host=exchanger.host, status=str(e.status)
+                )
+                return remote.everyone(recipients, e.status)
+            return remote.results(recipients, outcome)
         return remote.everyone(recipients, last)
 
     def stop(self) -> None:
@@ -223,8 +409,20 @@ def _nameservers(text: str) -> list[tuple[str, int]]:
     return servers
 
 
+def _maxMX(options: Mapping[str, Any]) -> int:
+    text = options.get("max_mx", str(MAX_MX))
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 0 < value <= MAX_MX_LIMIT:
+        raise OptionError("max_mx", f"bad value {text!r} (a number of addresses, 1 to {MAX_MX_LIMIT})")
+    return value
+
+
 def fromOptions(options: Mapping[str, Any], context: Any) -> MXBackend:
     port = portOption(options)
+    maxMX = _maxMX(options)
     tls = choiceOption(options, "tls", TLS_MODES)
     caFile = Path(options["ca_file"]) if options.get("ca_file") else None
     if caFile is not None:
@@ -233,4 +431,7 @@ def fromOptions(options: Mapping[str, Any], context: Any) -> MXBackend:
         except TLSError as e:
             raise OptionError(e.key, e.message) from None
     resolver = Resolver(context.blocking, context.reactor, _nameservers(options.get("nameservers", "")))
-    return MXBackend(context.reactor, context.hostname, resolver, port, tls, caFile)
+    listening = getattr(context, "listening", ())
+    deadline = DEADLINE_SHARE * getattr(context, "delivery_timeout", 600.0)
+    myself = Myself(listening)
+    return MXBackend(context.reactor, context.hostname, resolver, port, tls, caFile, maxMX, myself, deadline)

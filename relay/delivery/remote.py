@@ -40,7 +40,7 @@ CONNECT_TIMEOUT = 30.0
 
 
 class Unreachable(StatusError):
-    """No session with this host: connection refused or timed out, or no 220 greeting."""
+    """No session with this host: connection refused or timed out, no 220 greeting, or EHLO refused."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,10 @@ async def _session(
         try:
             await openSession(client)
         except GreetingError as e:
-            raise Unreachable(Status(451, "4.4.2", f"{hop.name}[{hop.address}] greeted with {e.status}")) from None
+            # A refusal at the greeting or at EHLO/HELO, whatever its code, lets the
+            # next host try; if none takes the mail, the last one's words are kept.
+            where = f"{hop.name}[{hop.address}]:{hop.port}"
+            raise Unreachable(Status(451, "4.4.2", f"{where} refused the session: {e.status}")) from None
         outcome = await transaction(client, message)
     except BaseException:
         if client.transport is not None:
@@ -188,8 +191,8 @@ async def deliverTo(
     """
     One session with one host.
 
-    @raise Unreachable: no connection, or no 220 greeting: the caller may try
-        another host.
+    @raise Unreachable: no connection, no 220 greeting, or a temporary
+        refusal of EHLO or HELO: the caller may try another host.
     @raise SessionError: the session failed after the greeting.
     """
     try:

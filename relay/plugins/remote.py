@@ -44,6 +44,7 @@ class MXBackendFactory:
         "tls": "opportunistic (default), required or verify (certificate valid for the MX name)",
         "ca_file": "PEM file of trusted CAs for verify (default: the system trust store)",
         "nameservers": "host:port ... to ask instead of the system resolver",
+        "max_mx": "at most this many mail exchanger addresses tried per attempt (default 5, 1 to 100)",
     }
 
     def build(self, options: Mapping[str, Any], context: Any) -> Any:
