@@ -2,7 +2,7 @@
 The backend: one POST per message, carrying every recipient of the attempt.
 
 The body is the message as queued (CRLF line endings, trace headers
-included); the envelope travels in headers: ``X-Relay-Sender``,
+included), streamed from the queue file a block at a time; the envelope travels in headers: ``X-Relay-Sender``,
 ``X-Relay-Recipient`` (one per recipient) and ``X-Relay-Queue-Id``.  The HTTP
 answer decides for every recipient: 2xx delivered; 408, 429 and 5xx, a
 timeout or a refused connection retried later (451); any other 4xx bounced
@@ -16,12 +16,15 @@ from typing import Any
 
 import treq
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Cooperator
+from twisted.web.client import FileBodyProducer
 from zope.interface import implementer
 
 from relay.envelope import DeliveryResult, Envelope, Recipient, Status
 from relay.interfaces import IDeliveryBackend
 
 RETRY_CODES = {408, 425, 429}
+BLOCK = 64 * 1024
 
 
 def statusFor(code: int, reason: str) -> Status:
@@ -38,6 +41,8 @@ class HTTPBackend:
         self.reactor = reactor
         self.url = url
         self.timeout = timeout
+        # Reads the body files on the given reactor, never the global one.
+        self.cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
 
     def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], openData: Any) -> Deferred:
         return Deferred.fromCoroutine(self._deliver(envelope, recipients, openData))
@@ -45,8 +50,6 @@ class HTTPBackend:
     async def _deliver(
         self, envelope: Envelope, recipients: Sequence[Recipient], openData: Any
     ) -> list[DeliveryResult]:
-        with openData() as f:
-            body = f.read()
         headers = {
             "Content-Type": ["message/rfc822"],
             "X-Relay-Sender": [envelope.sender],
@@ -54,7 +57,11 @@ class HTTPBackend:
             "X-Relay-Queue-Id": [envelope.queue_id],
         }
         try:
-            response = await treq.post(self.url, data=body, headers=headers, timeout=self.timeout)
+            with openData() as f:
+                # Streamed: a block at a time, as fast as the endpoint takes
+                # it, so a large message costs a block of memory, not itself.
+                body = FileBodyProducer(f, cooperator=self.cooperator, readSize=BLOCK)
+                response = await treq.post(self.url, data=body, headers=headers, timeout=self.timeout)
             await treq.content(response)  # read it all, so the connection can be reused
             status = statusFor(response.code, response.phrase.decode("latin-1"))
         except Exception as e:  # refused, timed out, reset: the endpoint may be back later
@@ -62,4 +69,4 @@ class HTTPBackend:
         return [DeliveryResult(r.address, status) for r in recipients]
 
     def stop(self) -> None:
-        pass
+        self.cooperator.stop()
