@@ -70,7 +70,27 @@ class IRecipientValidatorFactory(IPluginFactory):
 
 
 class IDeliveryBackend(Interface):
-    """Delivers one message to a set of recipients that share a route."""
+    """
+    Delivers one message to a set of recipients that share a route.
+
+    A backend may also have an optional method, C{refuses(address)}, asked at
+    RCPT TO for each recipient routed to it (after the relay-access check,
+    before the validators):
+
+        @param address: the recipient as text (C{local@domain}, the local
+            part quoted when it must be).
+        @return: a permanent refusal (a 5xx L{relay.envelope.Status}) that
+            C{deliver} would certainly give this recipient, or C{None}.
+
+    It lets the server refuse, at once, mail that would otherwise be accepted
+    and bounced later, perhaps to a forged sender (backscatter).  It must be
+    fast and never block: no I/O, no Deferred; answer from the address alone
+    (the maildir backend refuses a local part that cannot be a mailbox path).
+    Anything not certain is C{None}: C{deliver} still decides.  One that
+    raises or returns anything else costs that recipient a 451 4.3.0 and a log
+    line.  It is not declared below, so backends without it still provide
+    this interface (and pass C{verifyObject}); they are never asked.
+    """
 
     def deliver(envelope, recipients, openData):
         """

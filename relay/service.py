@@ -158,9 +158,10 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         for name, section in settings.deliveries.items()
     }
     metrics = Metrics()
+    router = Router(settings.route, backends)
     scheduler = Scheduler(
         store,
-        Router(settings.route, backends),
+        router,
         reactor,
         queue.retry,
         queue.max_age,
@@ -184,6 +185,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         reactor,
         validatorTimeout=settings.validator_timeout,
         metrics=metrics,
+        router=router,
     )
     base = ServerSettings(
         hostname=settings.hostname,

@@ -36,6 +36,7 @@ class Session:
         validators: list[tuple[str, Any]] | None = None,
         maxMessageSize: int = 10_000,
         maxRecipients: int = 5,
+        router: Any = None,
         **overrides: Any,
     ) -> None:
         self.clock = Clock()
@@ -49,6 +50,7 @@ class Session:
             lambda domain: routes.get(domain, routes.get("*")),
             validators or [],
             self.clock,
+            router=router,
         )
         self.settings = ServerSettings(
             hostname="mx.example.test",

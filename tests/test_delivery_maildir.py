@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 from deferred import result
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
+from relay.address import AddressError, parseMailbox, quoteLocal
 from relay.delivery import maildir as maildirModule
 from relay.delivery.maildir import MaildirBackend, copyToLF
 from relay.envelope import DeliveryResult, Envelope, Recipient, Status
@@ -312,3 +315,90 @@ def test_filesystem_plugin_found():
     from relay.interfaces import IQueueStoreFactory
 
     assert find("filesystem", IQueueStoreFactory).name == "filesystem"
+
+
+# -- refused at RCPT: the optional IDeliveryBackend.refuses ----------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "a/b@localhost",
+        '".hidden"@localhost',
+        '"../.."@localhost',
+        '"a\\/b"@localhost',  # a quoted pair: the mailbox a/b
+        "A/B@LOCALHOST",
+        '"."@localhost',
+        '".."@localhost',
+        ".x@localhost",
+        '"a\\\\b/"@localhost',
+        "a\x85b@localhost",  # a C1 control (NEL), admitted by SMTPUTF8's syntax
+        "a\u202eb@localhost",  # right-to-left override: a name that reads as another
+        "a\u2028b@localhost",  # a line separator
+        "a\0b@localhost",
+        "not an address",
+        "@localhost",
+    ],
+)
+def test_a_local_part_that_is_no_mailbox_path_is_refused_at_rcpt(tmp_path, address):
+    backend = makeBackend(tmp_path)
+    assert backend.refuses(address) == Status(550, "5.1.3", "Bad destination mailbox address")
+    # the same answer delivery would give, and nothing is created either way
+    (outcome,) = deliver(backend, [address])
+    assert outcome.status == backend.refuses(address)
+    assert not (tmp_path / "mail").exists()
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["alice@localhost", "Alice.Smith@LocalHost", '"john doe"@localhost', "jörg@localhost", '"a..b"@localhost'],
+)
+def test_a_good_mailbox_is_not_refused(tmp_path, address):
+    backend = makeBackend(tmp_path)
+    assert backend.refuses(address) is None
+    (outcome,) = deliver(backend, [address])
+    assert outcome.delivered
+
+
+def test_a_path_component_too_long_for_the_file_system_is_refused(tmp_path):
+    backend = makeBackend(tmp_path, template="mail/{local}-{local}-{local}-{local}-{local}")
+    assert backend.refuses("a" * 50 + "@localhost") is None  # a name of 5 * 50 + 4 = 254 octets
+    long = "a" * 51 + "@localhost"  # 259 octets: ENAMETOOLONG at every attempt
+    assert backend.refuses(long) == Status(550, "5.1.3", "Bad destination mailbox address")
+    (outcome,) = deliver(backend, [long])
+    assert outcome.status.enhanced == "5.1.3"
+
+
+def test_refusal_follows_the_template_root(tmp_path):
+    backend = makeBackend(tmp_path, template="mail/{local}/../../../outside")
+    assert backend.refuses("a@example.test") is not None
+    assert makeBackend(tmp_path, template="boxes/{domain}-{local}").refuses("a@example.test") is None
+
+
+_LOCAL_CHARS = st.sampled_from(list('aZ9.-_ /\\"@+\0\t\r\n\x7f\x85\u202e\u2028éß'))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(local=st.text(_LOCAL_CHARS, min_size=1, max_size=12))
+def test_refuses_agrees_with_delivery_for_any_local_part(tmp_path_factory, local):
+    """
+    Whatever the local part: accepted at RCPT means a maildir of that one name
+    inside the template's root that delivery succeeds in; refused means
+    delivery would refuse it the same way, and creates nothing.
+    """
+    address = quoteLocal(local) + "@example.test"
+    try:
+        parseMailbox(address, utf8=True)
+    except AddressError:
+        return  # the server refuses it at RCPT already (501)
+    state = tmp_path_factory.mktemp("state")
+    backend = makeBackend(state)
+    refusal = backend.refuses(address)
+    (outcome,) = deliver(backend, [address], data=b"Subject: x\r\n\r\nbody\r\n")
+    if refusal is None:
+        assert outcome.delivered, (local, outcome)
+        [box] = (state / "mail" / "example.test").iterdir()
+        assert box.name == local.lower() and box.name.isprintable()
+    else:
+        assert outcome.status == refusal
+        assert not (state / "mail").exists()

@@ -38,6 +38,23 @@ def makeStore(path: Path, clock: Clock | None = None) -> FilesystemQueueStore:
     return FilesystemQueueStore(path, runInline, clock, SYNC)
 
 
+class Pending:
+    """A C{blocking} that runs nothing until told: the test decides when the worker gets to each batch."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __call__(self, f, *args) -> Deferred:
+        d = Deferred()
+        self.calls.append((d, f, args))
+        return d
+
+    def runAll(self, until=lambda: False) -> None:
+        while self.calls and not until():
+            waiting, f, args = self.calls.pop(0)
+            waiting.callback(f(*args))
+
+
 def envelopeFor(queueID: str) -> Envelope:
     return Envelope(
         queue_id=queueID,
@@ -118,22 +135,14 @@ def test_update_then_recover(tmp_path):
 
 def test_update_snapshots_the_envelope(tmp_path):
     """The scheduler mutates the envelope after update(); what is written is what it was then."""
-    pending: list[tuple] = []
-
-    def deferred(f, *args):
-        d = Deferred()
-        pending.append((d, f, args))
-        return d
-
+    pending = Pending()
     store = FilesystemQueueStore(tmp_path, runInline, Clock(), SYNC)
     envelope = queueOne(store)
-    store._blocking = deferred
+    store._blocking = pending
     envelope.recipients[0].attempts = 7
     d = store.update(envelope)
     envelope.recipients[0].attempts = 99
-    while pending:
-        waiting, f, args = pending.pop(0)
-        waiting.callback(f(*args))
+    pending.runAll()
     assert result(d) is None
     assert result(makeStore(tmp_path).recover())[0].recipients[0].attempts == 7
 
@@ -467,30 +476,18 @@ def test_queue_ids_follow_the_clock(tmp_path):
 
 def test_group_commit_shares_directory_syncs(tmp_path, monkeypatch):
     """Messages waiting for a directory sync while one runs share the next one."""
-    pending: list[tuple] = []
-
-    def deferred(f, *args):
-        d = Deferred()
-        pending.append((d, f, args))
-        return d
-
+    pending = Pending()
     syncs = []
     name = "syncFilesystem" if SYNC == "syncfs" else "fsyncDirectory"
     real = getattr(fsworker, name)
     monkeypatch.setattr(fsworker, name, lambda path: (syncs.append(path), real(path)))
-    store = FilesystemQueueStore(tmp_path, deferred, Clock(), SYNC)
+    store = FilesystemQueueStore(tmp_path, pending, Clock(), SYNC)
     commits = []
     for _ in range(5):
         incoming = store.begin()
         incoming.write(DATA)
         commits.append(incoming.commit(envelopeFor(incoming.queue_id)))
-
-    def runAll():
-        while pending:
-            waiting, f, args = pending.pop(0)
-            waiting.callback(f(*args))
-
-    runAll()
+    pending.runAll()
     assert [result(d) for d in commits] == [None] * 5
     # The first commit's batch ran alone; the four that arrived while it ran
     # shared the second: one directory sync or one file system sync each.
@@ -677,14 +674,8 @@ def test_spares_removed_behind_the_store_s_back_are_skipped(tmp_path):
 
 def test_a_client_faster_than_the_worker_is_held_back(tmp_path):
     """Past MAX_UNWRITTEN bytes the worker has not written yet, the incoming message asks the session to wait."""
-    pending: list[tuple] = []
-
-    def deferred(f, *args):
-        d = Deferred()
-        pending.append((d, f, args))
-        return d
-
-    store = FilesystemQueueStore(tmp_path, deferred, Clock(), SYNC)
+    pending = Pending()
+    store = FilesystemQueueStore(tmp_path, pending, Clock(), SYNC)
     incoming = store.begin()
     block = b"x" * 998 + b"\r\n"
     written = 0
@@ -695,8 +686,6 @@ def test_a_client_faster_than_the_worker_is_held_back(tmp_path):
     assert filesystem.MAX_UNWRITTEN < written <= filesystem.MAX_UNWRITTEN + filesystem.SPILL + len(block) * 64
     caughtUp = incoming.writable()
     assert not caughtUp.called
-    while pending and not caughtUp.called:
-        waiting, f, args = pending.pop(0)
-        waiting.callback(f(*args))
+    pending.runAll(until=lambda: caughtUp.called)
     assert caughtUp.called and incoming.writable() is None
     incoming.abort()

@@ -8,6 +8,7 @@ import random
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 
 from relay.delivery.router import Router
 from relay.envelope import DeliveryResult, Envelope, Recipient, RecipientState, Status
@@ -128,6 +129,33 @@ def test_unrouted_recipient_is_deferred_not_lost():
     clock.advance(0)
     assert envelope.recipients[0].state is RecipientState.PENDING
     assert envelope.recipients[0].last_status.enhanced == "4.3.5"
+
+
+def test_unrouted_report_is_given_up_at_once_with_a_log_line():
+    """A report is never bounced: retrying it until max_age would only end in dropping it."""
+    clock, store, backend, scheduler = setup({})
+    scheduler.reportingMTA = "relay.test"
+    incoming = store.begin()
+    incoming.write(b"Subject: report\r\n\r\nbody\r\n")
+    report = Envelope(incoming.queue_id, "", [Recipient("forged@unrouted.example")], clock.seconds())
+    incoming.commit(report)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        scheduler.enqueue(report)
+        clock.advance(0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [recipient] = report.recipients
+    assert recipient.state is RecipientState.FAILED
+    assert (recipient.last_status.code, recipient.last_status.enhanced) == (550, "5.4.4")
+    assert store.messages == {} and scheduler.queued() == 0
+    assert backend.calls == []
+    dropped = [formatEvent(e) for e in events if "dropped undeliverable report" in e.get("log_format", "")]
+    assert dropped == [
+        f"dropped undeliverable report {report.queue_id} to=<forged@unrouted.example>: "
+        "550 5.4.4 No route for recipient domain"
+    ]
 
 
 def test_backend_raising_defers_its_recipients():

@@ -10,6 +10,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, formatEvent
 
 from relay import verdict
+from relay.delivery.maildir import MaildirBackend
+from relay.delivery.router import Router
+from relay.plugin import runInline
 from relay.smtp.server import SMTPServer
 
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
@@ -447,3 +450,94 @@ def test_accepted_line_is_logged_as_sent_braces_and_all(monkeypatch):
         f"accepted {accepted.queue_id} from=<a{{x}}b@example.org> size={accepted.size} nrcpt=1 client=192.0.2.10"
     )
     assert (event["sender"], event["nrcpt"]) == ("a{x}b@example.org", 1)
+
+
+# -- no backscatter --------------------------------------------------------
+
+
+def maildirSession(tmp_path, **kwargs) -> Session:
+    routes = {"localhost": "local", "example.test": "local"}
+    backend = MaildirBackend("mail/{domain}/{local}", tmp_path, "mx.example.test", runInline, None)
+    return Session(router=Router(routes.get, {"local": backend}), **kwargs)
+
+
+def test_a_recipient_the_maildir_backend_would_refuse_is_refused_at_rcpt(tmp_path):
+    s = maildirSession(tmp_path)
+    s.ready()
+    assert s.codes(
+        b"MAIL FROM:<anyone@example.org>\r\n"
+        b"RCPT TO:<a/b@localhost>\r\n"
+        b'RCPT TO:<".hidden"@localhost>\r\n'
+        b'RCPT TO:<"../.."@localhost>\r\n'
+        b'RCPT TO:<"a\\/b"@LOCALHOST>\r\n'
+        b"RCPT TO:<A/B@Example.Test>\r\n"
+        b"DATA\r\n"
+    ) == ["250 2.1.0"] + ["550 5.1.3"] * 5 + ["554 5.5.1"]
+    assert s.store.messages == {} and s.accepted == []
+
+
+def test_good_and_bad_recipients_in_one_transaction(tmp_path):
+    s = maildirSession(tmp_path)
+    s.ready()
+    assert s.codes(
+        b'MAIL FROM:<anyone@example.org>\r\nRCPT TO:<alice@localhost>\r\nRCPT TO:<".x"@localhost>\r\nDATA\r\n'
+    ) == ["250 2.1.0", "250 2.1.5", "550 5.1.3", "354 2.0.0"]
+    assert s.codes(MESSAGE + b".\r\n") == ["250 2.0.0"]
+    assert [r.address for r in s.accepted[0].recipients] == ["alice@localhost"]
+
+
+DSN_TRANSACTION = (
+    b"MAIL FROM:<a@example.org> RET=FULL ENVID=e1\r\n"
+    b"RCPT TO:<u@localhost> NOTIFY=SUCCESS ORCPT=rfc822;u@localhost\r\n"
+    b"RCPT TO:<v@localhost> NOTIFY=SUCCESS,FAILURE,DELAY\r\n"
+    b"RCPT TO:<w@localhost> NOTIFY=NEVER\r\n"
+    b"RCPT TO:<x@localhost>\r\n"
+    b"DATA\r\n"
+)
+
+
+def dsnRequests(s: Session) -> tuple[str | None, list[tuple[str, ...] | None]]:
+    s.ready()
+    assert s.codes(DSN_TRANSACTION + MESSAGE + b".\r\n")[-1] == "250 2.0.0"
+    [envelope] = s.accepted
+    assert envelope.envid == "e1" and envelope.recipients[0].orcpt == "rfc822;u@localhost"
+    return envelope.ret, [r.notify for r in envelope.recipients]
+
+
+def test_an_outsiders_dsn_requests_become_failures_only_headers_only():
+    s = Session(client="192.0.2.10")  # not in relay_networks, not authenticated
+    # accepted as asked (the client is told nothing), stored as honoured
+    assert dsnRequests(s) == ("HDRS", [("FAILURE",), ("FAILURE",), ("NEVER",), ("FAILURE",)])
+
+
+def test_an_insiders_dsn_requests_are_kept_as_asked():
+    s = Session(client="127.0.0.1")
+    assert dsnRequests(s) == ("FULL", [("SUCCESS",), ("SUCCESS", "FAILURE", "DELAY"), ("NEVER",), None])
+
+
+def test_an_authenticated_clients_dsn_requests_are_kept_as_asked():
+    s = Session(client="192.0.2.10")
+    s.server.authenticated = "alice"  # what a successful AUTH leaves (AUTH itself: test_smtp_auth)
+    assert dsnRequests(s) == ("FULL", [("SUCCESS",), ("SUCCESS", "FAILURE", "DELAY"), ("NEVER",), None])
+
+
+def test_a_store_behind_the_client_pauses_reading_until_it_catches_up():
+    from twisted.internet.defer import Deferred
+
+    session = Session(client="127.0.0.1")
+    caughtUp: Deferred[None] = Deferred()
+    begin = session.store.begin
+
+    def begun():
+        incoming = begin()
+        incoming.writable = lambda: caughtUp if not caughtUp.called else None
+        return incoming
+
+    session.store.begin = begun
+    session.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n")
+    session.send(b"Subject: x\r\n\r\nbody\r\n")
+    assert session.transport.producerState == "paused"
+    caughtUp.callback(None)
+    assert session.transport.producerState == "producing"
+    session.send(b".\r\n")
+    assert session.accepted

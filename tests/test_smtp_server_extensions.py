@@ -50,7 +50,7 @@ def test_utf8_recipient_needs_smtputf8_transaction():
 
 
 def test_dsn_parameters_validated_and_stored():
-    s = Session()
+    s = Session(client="127.0.0.1")  # a client that may relay: its DSN requests are honoured as asked
     s.ready()
     assert s.codes(b"MAIL FROM:<a@example.org> RET=HDRS ENVID=abc+2Bdef\r\n") == ["250 2.1.0"]
     assert s.codes(b"RCPT TO:<u@localhost> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;u+2Bx@localhost\r\n") == ["250 2.1.5"]

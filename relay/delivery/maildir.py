@@ -90,8 +90,26 @@ def _escapeHostname(hostname: str) -> str:
     return hostname.replace("/", "\\057").replace(":", "\\072")
 
 
+# Linux's NAME_MAX and PATH_MAX, less room for tmp/ and a unique file name:
+# a longer maildir would fail at every attempt, so it is refused at once.
+_NAME_MAX = 255
+_PATH_MAX = 4096 - 256
+
+
 def _badPart(part: str) -> bool:
-    return not part or "/" in part or "\0" in part or part.startswith(".")
+    """
+    A local part or domain that cannot be one path component as written:
+    empty, a separator, a hidden name (C{.}, C{..}, C{.x}), or a character
+    that is not printable (NUL, controls, C1 controls, format characters such
+    as bidirectional overrides, surrogates) and would make a name that reads
+    differently from what it is.
+    """
+    return not part or "/" in part or part.startswith(".") or not part.isprintable()
+
+
+def _tooLong(path: str) -> bool:
+    encoded = path.encode("utf-8", "surrogateescape")
+    return len(encoded) > _PATH_MAX or any(len(name) > _NAME_MAX for name in encoded.split(b"/"))
 
 
 def _header(value: str) -> bytes:
@@ -183,9 +201,18 @@ class MaildirBackend:
         if _badPart(local) or _badPart(domain):
             return None
         path = os.path.normpath(os.path.join(self._base, self.template.format(local=local, domain=domain)))
-        if not path.startswith(self._prefix.rstrip(os.sep) + os.sep):
+        if not path.startswith(self._prefix.rstrip(os.sep) + os.sep) or _tooLong(path):
             return None
         return path
+
+    def refuses(self, address: str) -> Status | None:
+        """
+        L{IDeliveryBackend.refuses}: an address that names no maildir
+        (see L{maildirFor}) would get L{BAD_MAILBOX} at every attempt, so the
+        server refuses it at RCPT instead of accepting it and sending a
+        report, perhaps to a forged sender, later.  No file system access.
+        """
+        return BAD_MAILBOX if self.maildirFor(address) is None else None
 
     def uniqueName(self) -> str:
         """A maildir file name: C{<secs>.M<usecs>P<pid>Q<counter>.<hostname>}."""

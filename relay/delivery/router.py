@@ -22,6 +22,13 @@ class Router:
         domain = address.rpartition("@")[2].lower()
         return self._route(domain)
 
+    def backendFor(self, address: str) -> tuple[str, Any] | None:
+        """The name and backend C{address} is routed to, or C{None}."""
+        name = self.backendName(address)
+        if name is None or name not in self.backends:
+            return None
+        return name, self.backends[name]
+
     def group(self, recipients: Iterable[Recipient]) -> tuple[dict[str, list[Recipient]], list[Recipient]]:
         """
         @return: recipients by backend name, and those no route covers (a

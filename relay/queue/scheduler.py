@@ -31,6 +31,11 @@ from relay.delivery.router import Router
 from relay.envelope import DeliveryResult, Envelope, Recipient, RecipientState, Status
 
 NO_ROUTE = Status(451, "4.3.5", "No route for recipient domain")
+# A report (from the null sender) is never bounced, so retrying one whose
+# recipient has no route could only end, after max_age, in dropping it: it is
+# given up at once instead.  Ordinary mail keeps NO_ROUTE: a configuration
+# change may add the route, and its sender learns of it if not.
+NO_ROUTE_FOR_REPORT = Status(550, "5.4.4", "No route for recipient domain")
 NO_RESULT = Status(451, "4.3.0", "Delivery backend gave no result for this recipient")
 BACKEND_FAILED = Status(451, "4.3.0", "Delivery backend failed")
 
@@ -173,7 +178,8 @@ class Scheduler(Service):
 
     async def _attempt(self, envelope: Envelope) -> None:
         groups, unrouted = self.router.group(envelope.pending())
-        results: list[tuple[Recipient, Status, str | None]] = [(r, NO_ROUTE, None) for r in unrouted]
+        noRoute = NO_ROUTE_FOR_REPORT if envelope.sender == "" else NO_ROUTE
+        results: list[tuple[Recipient, Status, str | None]] = [(r, noRoute, None) for r in unrouted]
         attempts = [(name, rcpts, self._deliver(name, envelope, rcpts)) for name, rcpts in groups.items()]
         relayed: list[Recipient] = []  # delivered to a next hop that does not report success itself
         passed: set[str] = set()  # delivered to a next hop that took the DSN request
@@ -222,9 +228,10 @@ class Scheduler(Service):
         if envelope.sender == "" and kind is Kind.FAILURE:
             for recipient in recipients:
                 self.log.warn(
-                    "dropped undeliverable report {queue_id} to=<{to}>",
+                    "dropped undeliverable report {queue_id} to=<{to}>: {status}",
                     queue_id=envelope.queue_id,
                     to=recipient.address,
+                    status=str(recipient.last_status),
                 )
             return
         notify = recipientsToNotify(envelope, recipients, kind)

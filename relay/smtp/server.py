@@ -19,7 +19,7 @@ import errno
 import functools
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
@@ -518,6 +518,10 @@ class SMTPServer(Protocol, TimeoutMixin):
             return self._send(params)
         if command.sender is not None and not command.sender.ascii and not params.smtputf8:
             return self._send(_reply(553, "5.6.7", "Error: UTF-8 addresses need SMTPUTF8"))
+        policy = self.settings.policy
+        ret = policy.dsnRet(params.ret, policy.mayRelay(self.client, self.authenticated))
+        if ret != params.ret:
+            params = replace(params, ret=ret)  # honoured in part, silently (see Policy.dsnRet)
         self.transaction = Transaction(command.sender, params)
         self.phase = Phase.MAIL
         self._send(MAIL_OK)
@@ -533,6 +537,9 @@ class SMTPServer(Protocol, TimeoutMixin):
             return self._send(params)
         if len(transaction.recipients) >= self.settings.maxRecipients:
             return self._send(TOO_MANY_RECIPIENTS)
+        policy = self.settings.policy
+        mayRelay = policy.mayRelay(self.client, self.authenticated)
+        notify = policy.dsnNotify(params.notify, mayRelay)
         if command.recipient is None:
             address = str(parseMailbox(self.settings.postmaster))
             answer: Status | Deferred[Status] = RCPT_OK
@@ -544,14 +551,13 @@ class SMTPServer(Protocol, TimeoutMixin):
                 sender=str(transaction.sender) if transaction.sender else "",
                 authenticated=self.authenticated,
                 tls=self.tls,
-                local_domain=self.settings.policy.isLocal(command.recipient.domain),
+                local_domain=policy.isLocal(command.recipient.domain),
             )
-            mayRelay = self.settings.policy.mayRelay(self.client, self.authenticated)
-            answer = self.settings.policy.checkRecipient(address, session, mayRelay)
+            answer = policy.checkRecipient(address, session, mayRelay)
 
         def decided(status: Status) -> Status:
             if status.ok and self.transaction is transaction:
-                transaction.recipients.append(Recipient(address, notify=params.notify, orcpt=params.orcpt))
+                transaction.recipients.append(Recipient(address, notify=notify, orcpt=params.orcpt))
                 self.phase = Phase.RCPT
             return status
 

@@ -242,9 +242,13 @@ def test_msmtp_dsn_parameters_are_stored(tmp_path):
             [
                 msmtp,
                 "--host=127.0.0.1",
-                f"--port={r.ports['smtp']}",
+                # authenticated: a client that may not relay gets failure reports only
+                f"--port={r.ports['rig']}",
                 "--from=s@example.org",
                 "--tls=off",
+                "--auth=plain",
+                "--user=alice",
+                f"--passwordeval=echo '{PASSWORD}'",
                 "--dsn-notify=success,delay",
                 "--dsn-return=hdrs",
                 "dsn@localhost",

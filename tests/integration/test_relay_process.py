@@ -209,20 +209,27 @@ def test_configured_validators_decide_recipients(tmp_path):
 
 
 def test_undeliverable_mail_bounces_to_a_local_sender(relay):
-    """A permanent failure (a mailbox name that cannot be a maildir) comes back as an RFC 3464 report."""
+    """
+    A recipient given up (its maildir cannot be made, until max_age) comes
+    back as an RFC 3464 report.  (A mailbox name that cannot be a maildir at
+    all is refused at RCPT: tests/integration/test_backscatter.py.)
+    """
     import email
     import email.policy
 
-    r = relay().start()
-    send(r.port, ['".hidden"@localhost'], sender="writer@localhost")
-    assert waitFor(lambda: r.delivered("writer@localhost"), 5), r.logText()
+    r = relay(retry="1s", queue="max_age = 2s")
+    r.maildir("stuck@localhost").parent.mkdir(parents=True)
+    r.maildir("stuck@localhost").write_text("a file where the maildir goes")
+    r.start()
+    send(r.port, ["Stuck@localhost"], sender="writer@localhost")
+    assert waitFor(lambda: r.delivered("writer@localhost"), 10), r.logText()
     report = email.message_from_bytes(r.delivered("writer@localhost")[0].read_bytes(), policy=email.policy.default)
     assert report["Return-Path"] == "<>"
     assert report.get_content_type() == "multipart/report"
     status = [p for p in report.walk() if p.get_content_type() == "message/delivery-status"][0]
     [block] = status.get_payload()[1:]
-    assert (block["Action"], block["Status"]) == ("failed", "5.1.3")
-    assert block["Final-Recipient"] == 'rfc822; ".hidden"@localhost'
+    assert (block["Action"], block["Status"]) == ("failed", "4.3.0")
+    assert block["Final-Recipient"] == "rfc822; Stuck@localhost"
     assert "failed notice for" in r.logText()
 
 
