@@ -102,10 +102,17 @@ class IDeliveryBackend(Interface):
         @param openData: a callable returning a new binary file positioned at
             the start of the message (CRLF line endings, trace headers the
             receiving server added included).  The caller closes nothing; the
-            backend closes what it opens.
+            backend closes what it opens.  Opening is cheap; a message may be
+            as large as C{max_message_size}, so read it a block at a time, as
+            fast as the destination takes it (a streaming producer, such as
+            the SMTP client's or twisted.web's C{FileBodyProducer}), or in a
+            C{context.blocking} thread: never whole, never faster than it
+            leaves, so memory stays bounded whatever the message size.
         @return: a sequence of L{relay.envelope.DeliveryResult}, one per
-            recipient (or a Deferred of it).  A 2xx status means delivered, 4xx
-            retry later, 5xx bounce.  A recipient with no result is retried.
+            recipient (or a Deferred of it).  Only a 2xx status means
+            delivered; a 5xx bounces; anything else (a 4xx, or any code the
+            backend had no business returning) is retried.  A recipient with
+            no result is retried.
         """
 
     def stop():
@@ -124,7 +131,19 @@ class IDeliveryBackendFactory(IPluginFactory):
 
 
 class IIncomingMessage(Interface):
-    """A message being received; nothing of it is visible until committed."""
+    """
+    A message being received; nothing of it is visible until committed.
+
+    It may also have an optional method, C{writable()}, asked after each
+    L{write}: back-pressure for a store that hands data on asynchronously.
+
+        @return: C{None} while the store can take more at once, else a
+            Deferred that fires once it has caught up.
+
+    The server reads nothing more from the client until then, so a client
+    faster than the store costs bounded memory rather than the message.
+    A store without it is never asked (it is not declared below).
+    """
 
     queue_id = Attribute("The queue id, known from the start so Received can name it.")
 
