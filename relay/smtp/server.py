@@ -191,6 +191,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._busy = False
         self._pumping = False
         self._paused = False
+        self._storeBehind = False
         self._reader: DotReader | None = None
         self._chunk: Chunk | None = None
         self._sasl: Any = None
@@ -276,7 +277,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._pumping = False
         if self._paused and not self._busy and len(self._buffer) <= PAUSE_ABOVE:
             self._paused = False
-            self.transport.resumeProducing()
+            if not self._storeBehind:
+                self.transport.resumeProducing()
 
     def _pumpLoop(self) -> None:
         while not self._busy and self.phase is not Phase.CLOSED and (self._buffer or self._chunkComplete()):
@@ -651,6 +653,20 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._incoming.write(data)
         except OSError as e:
             self._problem = NO_STORAGE if e.errno in (errno.ENOSPC, errno.EDQUOT) else LOCAL_ERROR
+            return
+        writable = getattr(self._incoming, "writable", None)  # optional: IIncomingMessage.writable
+        if writable is not None and not self._storeBehind:
+            behind = writable()
+            if behind is not None:
+                # The store is behind the client: read nothing more until it catches up.
+                self._storeBehind = True
+                self.transport.pauseProducing()
+                behind.addBoth(self._storeCaughtUp)
+
+    def _storeCaughtUp(self, _: object) -> None:
+        self._storeBehind = False
+        if self.phase is not Phase.CLOSED and not self._paused:
+            self.transport.resumeProducing()
 
     def _pumpData(self) -> None:
         assert self._reader is not None
