@@ -1,37 +1,71 @@
 """
-The client side of DATA: dot-stuffing a body streamed in chunks of any size.
+The client side of DATA: a body streamed in chunks of any size, made safe for
+any receiver.
 
-A line that begins with "." goes out with one more "." (RFC 5321 4.5.2).
-Line starts can fall anywhere in a chunk, or on the boundary between two; the
-writer remembers the last two bytes it saw, so a CRLF split across chunks is
-still found.  The body is sent otherwise byte for byte.
+What leaves through this writer has only CRLF line endings and a dot stuffed
+at the start of every line that begins with one (RFC 5321 4.5.2), whatever it
+is fed: relayed bodies, DSNs, or anything a plugin produces.
+
+- A bare LF or a bare CR becomes CRLF.  A CR at the end of one chunk and an LF
+  at the start of the next are one CRLF.  Bodies that came through our own
+  server never have bare line endings (it refuses them), but envelopes stored
+  by older versions, reports and plugins may; sent as they are, a next hop that
+  ends data on "<LF>.<CRLF>" or "<LF>.<LF>" would read the rest as commands
+  (SMTP smuggling).  With every line ending a CRLF and every line that starts
+  with a dot stuffed, the only line consisting of a single dot is the end
+  marker, however lax the receiver.
+- NUL octets are dropped.  RFC 5321 forbids them in text, our server refuses
+  them outside BODY=BINARYMIME (which never comes here: it goes only to a
+  CHUNKING peer, with BDAT), and a receiver that truncates at or strips NUL
+  could otherwise read a line such as "<NUL>." differently from us.
+
+The writer remembers only whether the last octet it saw was a CR and whether
+output is at the start of a line, so the work per chunk is proportional to the
+chunk, and a clean chunk (the usual one) costs a few C-level scans.
 """
 
 from __future__ import annotations
+
+_CR = 0x0D
+_LF = 0x0A
+_DOT = 0x2E
 
 
 class DotWriter:
     def __init__(self) -> None:
         # The body starts as if after a CRLF: a leading "." is stuffed too.
-        self._tail = b"\r\n"
-        self._empty = True
+        self._lineStart = True
+        # The last octet fed was a CR, already sent as CRLF: an LF right after
+        # it completes that same line ending and is dropped.
+        self._cr = False
 
     def feed(self, chunk: bytes) -> bytes:
-        """The stuffed form of C{chunk}, to send now."""
+        """The normalised, stuffed form of C{chunk}, to send now."""
+        if b"\0" in chunk:
+            chunk = chunk.replace(b"\0", b"")
         if not chunk:
             return b""
-        self._empty = False
-        tail = self._tail
-        work = tail + chunk
-        # Every insertion lands after a CRLF, so at index >= 2 = len(tail):
-        # never inside the tail, which was already sent.
-        stuffed = work.replace(b"\r\n.", b"\r\n..")
-        self._tail = work[-2:]
-        return stuffed[len(tail) :]
+        if self._cr:
+            self._cr = False
+            if chunk[0] == _LF:
+                chunk = chunk[1:]
+                if not chunk:
+                    return b""
+        lineFeeds = chunk.count(b"\n")
+        if lineFeeds != chunk.count(b"\r") or lineFeeds != chunk.count(b"\r\n"):
+            # Some CR or LF stands alone: every line ending becomes CRLF.
+            self._cr = chunk[-1] == _CR
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        # Every line ending is now a CRLF: stuff the dot that starts a line.
+        out = chunk.replace(b"\r\n.", b"\r\n..")
+        if self._lineStart and out[0] == _DOT:
+            out = b"." + out
+        self._lineStart = out.endswith(b"\r\n")
+        return out
 
     def end(self) -> bytes:
         """What closes the body: a CRLF if the body did not end with one, then ".CRLF"."""
-        if self._empty or self._tail == b"\r\n":
+        if self._lineStart:
             return b".\r\n"
         return b"\r\n.\r\n"
 
