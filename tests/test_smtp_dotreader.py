@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.smtp import dotreader
-from relay.smtp.dotreader import DataError, DotReader
+from relay.smtp.dotreader import DataError, DotReader, LineChecker
 
 
 def read(stream: bytes, cuts: list[int] | None = None) -> tuple[bytes, int | None, DataError | None, bytes]:
@@ -39,6 +39,15 @@ def test_no_end_consumes_everything():
 def test_line_of_998_is_fine_999_is_not():
     assert read(b"x" * 998 + b"\r\n.\r\n")[2] is None
     assert read(b"x" * 999 + b"\r\n.\r\n")[2] is DataError.LINE_TOO_LONG
+    # the dot added for transparency does not count
+    assert read(b"." * 999 + b"\r\n.\r\n", [500, 999, 1000])[2] is None
+    assert read(b"." * 1000 + b"\r\n.\r\n")[2] is DataError.LINE_TOO_LONG
+
+
+def test_nul_is_refused_like_a_bare_line_ending():
+    for cuts in ([], [2], [3], [4]):
+        data, end, error, rest = read(b"ab\r\nc\0d\r\n.\r\nNEXT", cuts)
+        assert (error, rest) == (DataError.NUL, b"NEXT")
 
 
 def test_dot_line_after_overlong_fragment_is_not_the_end():
@@ -50,7 +59,10 @@ def test_dot_line_after_overlong_fragment_is_not_the_end():
 
 @settings(max_examples=500, deadline=None)
 @given(
-    st.lists(st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=30),
+    st.lists(
+        st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b"")),
+        max_size=30,
+    ),
     st.lists(st.integers(min_value=0, max_value=3000), max_size=10),
 )
 def test_stuffed_lines_round_trip_at_any_chunking(lines, cuts):
@@ -86,7 +98,7 @@ def readLineByLine(stream: bytes, cuts: list[int]) -> tuple[bytes, int | None, D
         DotReader._feedClean = original  # type: ignore[method-assign]
 
 
-PIECES = [b"a", b"x" * 40, b".", b"\r", b"\n", b"\r\n", b"\r\n.", b".\r\n", b"y" * 997]
+PIECES = [b"a", b"x" * 40, b".", b"\r", b"\n", b"\r\n", b"\r\n.", b".\r\n", b"y" * 997, b"\0"]
 
 
 @settings(max_examples=1000, deadline=None)
@@ -105,5 +117,64 @@ def test_bulk_path_takes_clean_chunks_and_only_those():
     out: list[bytes] = []
     assert DotReader(out.append)._feedClean(body + b".\r\nQUIT") == len(body) + 3
     assert out == [body]
-    for unclean in (b"a\r\n..b\r\n", b"a\nb\r\n", b"a\rb\r\n", b"x" * 999 + b"\r\n", b"x" * 1001):
+    for unclean in (b"a\r\n..b\r\n", b"a\nb\r\n", b"a\rb\r\n", b"x" * 999 + b"\r\n", b"x" * 1001, b"a\0\r\n"):
         assert DotReader(out.append)._feedClean(unclean) is dotreader._UNCLEAN
+
+
+# -- the same rules for a BDAT body (no dots, no end marker) --------------------
+
+
+def check(body: bytes, cuts: list[int] | None = None) -> DataError | None:
+    checker = LineChecker()
+    points = sorted(set(cuts or [])) + [len(body)]
+    start = 0
+    for point in points:
+        checker.feed(body[start:point])
+        start = max(start, point)
+    return checker.finish()
+
+
+def test_line_checker_examples():
+    assert check(b"a\r\nb\r\n", [2]) is None  # a CRLF split between chunks
+    assert check(b"a\r\nb\r\n", [1, 2, 3, 4, 5]) is None
+    assert check(b"no final CRLF") is None
+    assert check(b"a\nb\r\n") is DataError.BARE_LF
+    assert check(b"a\r\n\nb\r\n", [2]) is DataError.BARE_LF
+    assert check(b"a\rb\r\n", [2]) is DataError.BARE_CR
+    assert check(b"ends in CR\r") is DataError.BARE_CR
+    assert check(b"a\0b\r\n") is DataError.NUL
+    assert check(b"x" * 998 + b"\r\n", [500, 999]) is None
+    assert check(b"x" * 999 + b"\r\n", [999]) is DataError.LINE_TOO_LONG
+    assert check(b"x" * 999 + b"\r\n", [1000]) is DataError.LINE_TOO_LONG
+    assert check(b"x" * 999) is DataError.LINE_TOO_LONG  # it would need a CRLF to be sent
+    assert check(b"hello\n.\r\nMAIL FROM:<ceo@relay.localhost>\r\n") is DataError.BARE_LF
+
+
+def dotReaderVerdict(body: bytes) -> DataError | None:
+    """What DATA would say of the same body, sent dot-stuffed with its final CRLF."""
+    stuffed = (b"." if body[:1] == b"." else b"") + body.replace(b"\n.", b"\n..")
+    if body and not body.endswith(b"\n"):
+        stuffed += b"\r\n"
+    return read(stuffed + b".\r\n")[2]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.lists(st.sampled_from(PIECES + [b"z" * 500, b"\r\r", b"\n\n"]), max_size=40),
+    st.lists(st.integers(min_value=0, max_value=5000), max_size=8),
+)
+def test_line_checker_agrees_with_the_data_reader(pieces, cuts):
+    """One notion of a bad line: a BDAT body is refused exactly when DATA would refuse it."""
+    body = b"".join(pieces)
+    assert (check(body, cuts) is None) == (dotReaderVerdict(body) is None)
+
+
+def test_after_a_line_split_between_chunks_the_rest_takes_the_bulk_path():
+    body = b"".join(b"line %d of text\r\n" % i for i in range(30))
+    out: list[bytes] = []
+    reader = DotReader(out.append)
+    assert reader.feed(b"first li") is None
+    assert reader.feed(b"ne\r\n" + body + b"tail") is None
+    assert out == [b"first line\r\n", body]  # one line at a time, then the rest in one piece
+    assert reader.feed(b"\r\n.\r\nQUIT") == 5
+    assert b"".join(out) == b"first line\r\n" + body + b"tail\r\n"

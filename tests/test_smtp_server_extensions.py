@@ -84,12 +84,48 @@ def test_bdat_chunks_then_last():
     assert data.endswith(b"\r\nSubject: x\r\n\r\nbody")
 
 
-def test_bdat_data_is_never_a_command_and_bare_lf_kept():
+def test_bdat_data_is_never_a_command_and_bare_lf_refused_unless_binarymime():
+    for body in (b"", b" BODY=7BIT", b" BODY=8BITMIME"):
+        s = Session()
+        transaction(s, mail=b"MAIL FROM:<a@example.org>" + body)
+        payload = b"QUIT\r\n.\r\nRSET\nx"
+        assert s.codes(b"BDAT %d LAST\r\n" % len(payload) + payload + b"NOOP\r\n") == ["554 5.6.0", "250 2.0.0"]
+        assert s.accepted == []
     s = Session()
-    transaction(s)
+    transaction(s, mail=b"MAIL FROM:<a@example.org> BODY=BINARYMIME")
     payload = b"QUIT\r\n.\r\nRSET\nx"
     assert s.codes(b"BDAT %d LAST\r\n" % len(payload) + payload + b"NOOP\r\n") == ["250 2.0.0", "250 2.0.0"]
-    assert s.store.messages[s.accepted[0].queue_id][1].endswith(payload)
+    assert s.store.messages[s.accepted[0].queue_id][1].endswith(payload)  # byte for byte
+
+
+def test_bdat_smuggling_refused_whatever_the_chunking():
+    smuggled = b"Subject: x\r\n\r\nhello\n.\r\nMAIL FROM:<ceo@relay.localhost>\r\nRCPT TO:<v@example.net>\r\n"
+    for cut in range(1, len(smuggled)):
+        s = Session()
+        transaction(s)
+        first, second = smuggled[:cut], smuggled[cut:]
+        replies = s.codes(b"BDAT %d\r\n" % len(first) + first)
+        if replies == ["250 2.0.0"]:
+            replies += s.codes(b"BDAT %d LAST\r\n" % len(second) + second)
+            assert replies == ["250 2.0.0", "554 5.6.0"]
+        else:
+            assert replies == ["554 5.6.0"]  # refused at the chunk that showed the bare LF
+        assert s.accepted == []
+        assert s.codes(b"NOOP\r\n") == ["250 2.0.0"]  # the session goes on
+
+
+def test_bdat_crlf_split_between_chunks_and_other_refusals():
+    s = Session()
+    transaction(s)
+    assert s.codes(b"BDAT 3\r\nab\r") == ["250 2.0.0"]
+    assert s.codes(b"BDAT 3 LAST\r\n\nb\r") == ["554 5.6.0"]  # a CR right at the end stands alone
+    cases = ((b"a\x00b\r\n", "554 5.6.0"), (b"x" * 999 + b"\r\n", "554 5.6.0"), (b"a\r\nb\r\n", "250 2.0.0"))
+    for body, problem in cases:
+        s = Session()
+        transaction(s)
+        assert s.codes(b"BDAT 1\r\n" + body[:1]) == ["250 2.0.0"]
+        assert s.codes(b"BDAT %d LAST\r\n" % (len(body) - 1) + body[1:]) == [problem]
+    assert s.store.messages[s.accepted[0].queue_id][1].endswith(b"\r\na\r\nb\r\n")
 
 
 def test_bdat_zero_last_and_in_pieces():

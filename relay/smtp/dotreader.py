@@ -9,6 +9,14 @@ message carrying it is rejected).  An over-long line is refused the same way,
 and because the reader keeps scanning for the real end, the rest of the body
 never turns into commands.
 
+A NUL octet is refused the same way: RFC 5321 forbids it in text, and some
+next hops truncate a line at it or drop it.  Only BODY=BINARYMIME may carry
+NUL, bare CR or bare LF, and such a body comes with BDAT, never through DATA.
+
+L{LineChecker} applies the same rules to a BDAT body of 7BIT or 8BITMIME,
+which has no dots to unstuff and no end marker: what a bad line is, is decided
+here alone.
+
 Memory stays bounded: a line fragment is kept only up to the line limit.
 """
 
@@ -24,6 +32,7 @@ class DataError(enum.Enum):
     BARE_LF = "bare LF line ending"
     BARE_CR = "bare CR in a line"
     LINE_TOO_LONG = "line longer than 998 octets"
+    NUL = "NUL octet"
 
 
 class DotReader:
@@ -54,10 +63,25 @@ class DotReader:
             else the offset just past the terminating C{".\\r\\n"}: the bytes
             after it are the next commands.
         """
-        if not self._partial and self.error is None:
-            fast = self._feedClean(data)
-            if fast is not _UNCLEAN:
-                return fast
+        if self.error is None:
+            if self._partial:
+                # A chunk seldom ends at a line end: finish the line that the
+                # last one began, then the rest can take the bulk path.
+                nl = data.find(b"\n") + 1
+                if 0 < nl < len(data):
+                    end = self._feedLines(data[:nl])
+                    if end is not None:
+                        return end
+                    end = self.feed(data[nl:])
+                    return None if end is None else nl + end
+            else:
+                fast = self._feedClean(data)
+                if fast is not _UNCLEAN:
+                    return fast
+        return self._feedLines(data)
+
+    def _feedLines(self, data: bytes) -> int | None:
+        """L{feed}, a line at a time: for chunks the bulk path does not take."""
         out: list[bytes] = []
         pos = 0
         end: int | None = None
@@ -68,7 +92,8 @@ class DotReader:
                 self._keepFragment(data[pos:])
                 break
             line = self._partial + data[pos : nl + 1]
-            overlong = self._overlong or len(line) > self._maxLine
+            # The limit does not count a dot added for transparency (RFC 5321 4.5.3.1.6).
+            overlong = self._overlong or len(line) > self._maxLine + (line[:1] == b".")
             self._partial = b""
             self._overlong = False
             pos = nl + 1
@@ -83,6 +108,8 @@ class DotReader:
                 self._fail(DataError.BARE_LF)
             elif line.find(b"\r", 0, len(line) - 2) != -1:
                 self._fail(DataError.BARE_CR)
+            elif line.find(b"\0") != -1:
+                self._fail(DataError.NUL)
             if self.error is None:
                 out.append(line[1:] if line[:1] == b"." else line)
         if out:
@@ -95,6 +122,7 @@ class DotReader:
         time: it starts a line, and every line it completes ends in CRLF, has
         no other CR, starts with no dot and is within the limit.  Anything
         else is C{_UNCLEAN}, and the line-by-line reader takes the chunk.
+        A chunk that has a NUL is unclean too.
         """
         if data[:3] == b".\r\n":
             return 3
@@ -112,6 +140,7 @@ class DotReader:
             or body.find(b"\n.") != -1
             or body.count(b"\r\n") != lines
             or body.count(b"\r") != lines
+            or body.find(b"\0") != -1
             or (cut > self._maxLine and max(map(len, body.split(b"\n"))) >= self._maxLine)
             or (end is None and len(data) - cut > self._maxLine)
         ):
@@ -133,3 +162,73 @@ class DotReader:
 
 
 _UNCLEAN = object()
+
+
+class LineChecker:
+    """
+    The rules of L{DotReader} for a body that comes without dot-stuffing (BDAT
+    of 7BIT or 8BITMIME): every line ends in CRLF, has no other CR, no NUL,
+    and is at most C{maxLine} octets with its CRLF.  The body is not changed
+    and not held back: the checker only looks, one chunk after another, and
+    a CRLF split between two chunks is one line ending.
+
+    @ivar error: the first defect seen (by kind, in the order of the checks
+        below within a chunk), or None.
+    """
+
+    def __init__(self, maxLine: int = MAX_LINE) -> None:
+        self._maxLine = maxLine
+        self._line = 0  # octets of the current, unfinished line
+        self._cr = False  # the last octet seen was a CR
+        self.error: DataError | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.error is not None or not data:
+            return
+        start = 0
+        if self._cr:
+            # The line so far ends in a CR, counted in self._line.
+            if data[0] != 0x0A:
+                self.error = DataError.BARE_CR
+                return
+            if self._line + 1 > self._maxLine:
+                self.error = DataError.LINE_TOO_LONG
+                return
+            self._cr = False
+            self._line = 0
+            start = 1
+        lineFeeds = data.count(b"\n", start)
+        crlf = data.count(b"\r\n", start)
+        trailingCR = data[-1] == 0x0D and len(data) > start
+        if lineFeeds != crlf:
+            self.error = DataError.BARE_LF
+            return
+        if data.count(b"\r", start) - trailingCR != crlf:
+            self.error = DataError.BARE_CR
+            return
+        if data.find(b"\0", start) != -1:
+            self.error = DataError.NUL
+            return
+        self._cr = trailingCR
+        if self._line + len(data) - start <= self._maxLine:
+            # No line this chunk touches can be over the limit yet.
+            self._line = len(data) - data.rfind(b"\n") - 1 if lineFeeds else self._line + len(data) - start
+            return
+        parts = data[start:].split(b"\n")
+        if len(parts) > 1:
+            longest = max(self._line + len(parts[0]), max(map(len, parts[1:-1]), default=0)) + 1
+            self._line = len(parts[-1])
+            if longest > self._maxLine:
+                self.error = DataError.LINE_TOO_LONG
+        else:
+            self._line += len(parts[0])
+        if self._line > self._maxLine:
+            self.error = DataError.LINE_TOO_LONG
+
+    def finish(self) -> DataError | None:
+        """The verdict once the last chunk is in: a CR at the very end stands alone."""
+        if self.error is None and self._cr:
+            self.error = DataError.BARE_CR
+        elif self.error is None and self._line and self._line + 2 > self._maxLine:
+            self.error = DataError.LINE_TOO_LONG
+        return self.error

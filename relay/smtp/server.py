@@ -38,7 +38,7 @@ from relay.fsutil import writeNow
 from relay.policy import Policy, clientIP
 from relay.smtp import parser
 from relay.smtp.auth import MECHANISMS, Challenge, Credentials, IMailUser, startExchange
-from relay.smtp.dotreader import DataError, DotReader
+from relay.smtp.dotreader import DataError, DotReader, LineChecker
 from relay.smtp.headers import TraceCounter
 from relay.smtp.params import MailParams, mailParams, rcptParams
 from relay.verdict import SessionInfo
@@ -120,6 +120,7 @@ DATA_ERRORS = {
     DataError.BARE_LF: _reply(554, "5.6.0", "Error: message has bare <LF> line endings"),
     DataError.BARE_CR: _reply(554, "5.6.0", "Error: message has bare <CR> characters"),
     DataError.LINE_TOO_LONG: _reply(554, "5.6.0", "Error: message has a line longer than 998 octets"),
+    DataError.NUL: _reply(554, "5.6.0", "Error: message has NUL characters"),
 }
 # Replies that say nothing bad about the client: not counted towards the error limit.
 _NOT_ERRORS = frozenset({421, 452})
@@ -194,6 +195,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._storeBehind = False
         self._reader: DotReader | None = None
         self._chunk: Chunk | None = None
+        self._checker: LineChecker | None = None  # a BDAT body that must be text (not BINARYMIME)
         self._sasl: Any = None
         self._incoming: Any = None
         self._trace: TraceCounter | None = None
@@ -601,6 +603,12 @@ class SMTPServer(Protocol, TimeoutMixin):
             refusal = self._beginMessage()
             if refusal is None:
                 self.phase = Phase.CHUNKING
+                # The lines of a 7BIT or 8BITMIME body obey the rules DATA
+                # enforces, or the body could smuggle a message to a next hop
+                # that we relay it to with DATA; only BINARYMIME is free.
+                assert self.transaction is not None
+                binary = self.transaction.params.body == "BINARYMIME"
+                self._checker = None if binary else LineChecker()
         elif self.phase is not Phase.CHUNKING:
             refusal = BAD_SEQUENCE_RCPT
         self._chunk = Chunk(command.size, command.last, refusal)
@@ -692,9 +700,17 @@ class SMTPServer(Protocol, TimeoutMixin):
             chunk.remaining -= len(piece)
             if chunk.refusal is None:
                 self._writeBody(piece)
+                checker = self._checker
+                if checker is not None:
+                    checker.feed(piece)
             if chunk.remaining:
                 return
         self._chunk = None
+        checker = self._checker
+        if chunk.refusal is None and checker is not None and self._problem is None:
+            error = checker.finish() if chunk.last else checker.error
+            if error is not None:
+                self._problem = DATA_ERRORS[error]
         if chunk.refusal is not None:
             if self.phase is Phase.CHUNKING:
                 self._resetTransaction()
@@ -770,6 +786,7 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _abortIncoming(self) -> None:
         incoming, self._incoming = self._incoming, None
         self._reader = None
+        self._checker = None
         self._trace = None
         self._problem = None
         if incoming is not None:
