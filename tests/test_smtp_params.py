@@ -69,3 +69,38 @@ def test_rcpt_params():
     for bad in ((("NOTIFY", "NEVER,DELAY"),), (("NOTIFY", "FAILURE,FAILURE"),), (("ORCPT", ";x"),), (("NOTIFY", ""),)):
         assert isinstance(rcptParams(bad, ALL), Status), bad
     assert rcptParams((("NOTIFY", "NEVER"),), ALL - {"DSN"}).code == 555
+
+
+EVIL_ORCPT = "rfc822;x+0A.+0D+0AMAIL+20FROM:<ceo@relay.localhost>+0D+0ARCPT+20TO:<victim2@example.net>+0D+0ADATA+0D+0A"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [EVIL_ORCPT, "rfc822;a+0Db@x.example", "rfc822;a+00b@x", "rfc822;a+7Fb@x", "rfc822;a+1Bb@x", "rfc822;+E9@x"],
+)
+def test_orcpt_must_decode_to_printable_ascii(value):
+    """Its decoded form goes into the DSN's Original-Recipient field: a control character there forges lines."""
+    status = rcptParams((("ORCPT", value),), ALL)
+    assert isinstance(status, Status)
+    assert (status.code, status.enhanced, status.text) == (501, "5.5.4", "Bad ORCPT parameter syntax")
+
+
+def test_orcpt_may_hold_any_printable_ascii():
+    params = rcptParams((("ORCPT", "rfc822;+22john+20doe+22@x.example"),), ALL)
+    assert params == RcptParams(None, 'rfc822;"john doe"@x.example')
+
+
+@pytest.mark.parametrize("value", ["a+0Ab", "a+0D+0Ab", "+00", "a+7F", "+E9"])
+def test_envid_must_decode_to_printable_ascii(value):
+    status = mailParams((("ENVID", value),), ALL, 100)
+    assert isinstance(status, Status) and (status.code, status.enhanced) == (501, "5.5.4")
+
+
+@given(st.text(st.characters(max_codepoint=255), max_size=30))
+def test_every_control_character_is_refused_in_orcpt_and_envid(text):
+    encoded = encodeXtext(text)
+    envid = mailParams((("ENVID", encoded),), ALL, 100)
+    orcpt = rcptParams((("ORCPT", "rfc822;" + encoded),), ALL)
+    clean = text.isascii() and text.isprintable()
+    assert isinstance(orcpt, RcptParams) == (clean and bool(text))
+    assert isinstance(envid, MailParams) == (clean and bool(text) and len(text) <= 100)

@@ -34,7 +34,25 @@ def decodeXtext(text: str) -> str:
 
 
 def encodeXtext(text: str) -> str:
-    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in text)
+    """
+    RFC 3461 xtext of C{text}.  A character above U+00FF has no octet to
+    stand for: it goes as the \\x{HEX} of RFC 6533's utf-8-addr-xtext.
+    """
+    return "".join(
+        c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" if ord(c) < 256 else f"\\x{{{ord(c):X}}}"
+        for c in text
+    )
+
+
+def isPrintableASCII(text: str) -> bool:
+    """
+    Only characters from space to tilde: no control character (below 0x20,
+    or DEL) and no octet that xtext decoding turned into a Latin-1 letter.
+    A value we copy into a header we write (ORCPT into Original-Recipient,
+    ENVID into Original-Envelope-Id) must be this, or a CR LF in it would
+    start a new header line, or a new message, at the next hop.
+    """
+    return text.isascii() and text.isprintable()
 
 
 def _bad(text: str, code: int = 501, enhanced: str = "5.5.4") -> Status:
@@ -99,8 +117,8 @@ def mailParams(params: Params, offered: Collection[str], maxSize: int) -> MailPa
             envid = _xtext(key, value)
             if isinstance(envid, Status):
                 return envid
-            if not envid or len(envid) > 100 or not envid.isprintable() or not envid.isascii():
-                return _bad("Bad ENVID value")
+            if not envid or len(envid) > 100 or not isPrintableASCII(envid):
+                return _bad("Bad ENVID parameter syntax")
             values["envid"] = envid
         elif key == "AUTH" and "AUTH" in offered:
             auth = _xtext(key, value)
@@ -133,8 +151,10 @@ def rcptParams(params: Params, offered: Collection[str]) -> RcptParams | Status:
             address = _xtext(key, encoded)
             if isinstance(address, Status):
                 return address
-            if len(address) > 500:
-                return _bad("Bad ORCPT value")
+            if len(address) > 500 or not isPrintableASCII(address):
+                # As Postfix answers: the decoded address is copied into the
+                # DSN's Original-Recipient field, so it must be text.
+                return _bad("Bad ORCPT parameter syntax")
             orcpt = f"{addrType.lower()};{address}"
         else:
             return _unsupported(key)
