@@ -261,3 +261,39 @@ def test_rset_only_after_a_transaction_left_open():
     # That one ended cleanly: no RSET before the third.
     Deferred.fromCoroutine(transaction(peer.client, message("b@x.test")))
     assert peer.sent()[0] == "MAIL FROM:<s@example.org>"
+
+
+def _bdatPayload(wire: bytes) -> tuple[bytes, int]:
+    """The body a BDAT receiver reads by byte count, and how many chunks carried it."""
+    body, chunks = b"", 0
+    while wire:
+        command, _, wire = wire.partition(b"\r\n")
+        size = int(command.split()[1])
+        body, wire = body + wire[:size], wire[size:]
+        chunks += 1
+    return body, chunks
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_bdat_sends_text_with_crlf_only_and_binary_as_it_is(binary):
+    from relay.smtp.client import CHUNK
+
+    # A bare LF, a bare CR, and a CRLF cut by the chunk boundary.
+    stored = b"Subject: x\r\n\r\nbare\nlf and bare\rcr\r\n" + b"y" * (CHUNK - 36) + b"\r\n" + b"z" * 100 + b"\r\n"
+    assert stored[CHUNK - 1 : CHUNK + 1] == b"\r\n"
+    peer = Scripted()
+    opened(peer, "250-mx", "250-PIPELINING", "250-BINARYMIME", "250-8BITMIME", "250 CHUNKING")
+    outgoing = message("a@x.test", body=stored)
+    outgoing.body = "BINARYMIME" if binary else "8BITMIME"
+    d = Deferred.fromCoroutine(transaction(peer.client, outgoing))
+    peer.sent()
+    peer.reply("250 ok", "250 ok")
+    sent, chunks = _bdatPayload(peer.transport.value())
+    assert chunks == 2
+    if binary:
+        assert sent == stored
+    else:
+        assert sent == stored.replace(b"\nlf", b"\r\nlf").replace(b"\rcr", b"\r\ncr")
+        assert sent.count(b"\n") == sent.count(b"\r\n") == sent.count(b"\r")
+    peer.reply("250 ok", "250 ok")
+    assert result(d).statuses["a@x.test"].ok

@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.envelope import Recipient, Status, StatusError
-from relay.smtp.dotwriter import DotWriter
+from relay.smtp.dotwriter import DotWriter, LineEndings
 from relay.smtp.params import encodeXtext
 
 # RFC 5321 4.5.3.2, in seconds.  MAIL and RCPT share one (5 minutes each).
@@ -593,11 +593,24 @@ def _dotStuffed(source: BinaryIO) -> Iterator[bytes]:
     yield writer.end()
 
 
-def _chunks(source: BinaryIO) -> Iterator[tuple[bytes, bool]]:
-    """The body in BDAT chunks, as they are; the last one marked."""
-    chunk = source.read(CHUNK)
+def _chunks(source: BinaryIO, binary: bool) -> Iterator[tuple[bytes, bool]]:
+    """
+    The body in BDAT chunks, the last one marked: as it is when it is
+    BINARYMIME, else with CRLF line endings only, as DATA would send it.
+    """
+    endings = None if binary else LineEndings()
+
+    def read() -> bytes:
+        while block := source.read(CHUNK):
+            if endings is None:
+                return block
+            if block := endings.feed(block):
+                return block
+        return b""
+
+    chunk = read()
     while True:
-        following = source.read(CHUNK) if chunk else b""
+        following = read() if chunk else b""
         last = not following
         yield f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode() + chunk, last
         if last:
@@ -621,7 +634,7 @@ async def _bdat(client: SMTPClient, outgoing: Outgoing) -> Reply:
 
     def pieces() -> Iterator[tuple[bytes, int]]:
         with outgoing.openData() as source:
-            for piece, _ in _chunks(source):
+            for piece, _ in _chunks(source, outgoing.body == "BINARYMIME"):
                 yield piece, 1
 
     sender = BodySender(client, pieces())

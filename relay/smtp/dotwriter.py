@@ -31,16 +31,20 @@ _LF = 0x0A
 _DOT = 0x2E
 
 
-class DotWriter:
+class LineEndings:
+    """
+    A text body made CRLF-only, chunk by chunk: bare CR and bare LF become
+    CRLF, NUL is dropped.  What the DATA writer sends, and what BDAT sends of
+    a body that is not BINARYMIME, so that no next hop ever sees a line
+    ending it could read otherwise than we do.
+    """
+
     def __init__(self) -> None:
-        # The body starts as if after a CRLF: a leading "." is stuffed too.
-        self._lineStart = True
         # The last octet fed was a CR, already sent as CRLF: an LF right after
         # it completes that same line ending and is dropped.
         self._cr = False
 
     def feed(self, chunk: bytes) -> bytes:
-        """The normalised, stuffed form of C{chunk}, to send now."""
         if b"\0" in chunk:
             chunk = chunk.replace(b"\0", b"")
         if not chunk:
@@ -56,6 +60,20 @@ class DotWriter:
             # Some CR or LF stands alone: every line ending becomes CRLF.
             self._cr = chunk[-1] == _CR
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        return chunk
+
+
+class DotWriter:
+    def __init__(self) -> None:
+        self._endings = LineEndings()
+        # The body starts as if after a CRLF: a leading "." is stuffed too.
+        self._lineStart = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The normalised, stuffed form of C{chunk}, to send now."""
+        chunk = self._endings.feed(chunk)
+        if not chunk:
+            return b""
         # Every line ending is now a CRLF: stuff the dot that starts a line.
         out = chunk.replace(b"\r\n.", b"\r\n..")
         if self._lineStart and out[0] == _DOT:
