@@ -138,11 +138,15 @@ class Policy:
             if status is not None and not (isinstance(status, Status) and status.permanent):
                 raise TypeError(f"refuses() returned {status!r}, not None or a 5xx Status")
         except Exception:
-            self.log.failure("delivery backend {backend} failed checking {address}", backend=name, address=address)
-            if self.metrics is not None:
-                self.metrics.pluginFailed("backend", name)
-            return VALIDATOR_FAILED
+            return self._pluginFailed("backend", name, address)
         return status
+
+    def _pluginFailed(self, kind: str, name: str, address: str) -> Status:
+        """A plugin raised or misbehaved over one recipient: logged with the traceback, counted, and a 451."""
+        self.log.failure("{kind} {plugin} failed for {address}", kind=kind, plugin=name, address=address)
+        if self.metrics is not None:
+            self.metrics.pluginFailed(kind, name)
+        return VALIDATOR_FAILED
 
     def dsnNotify(self, notify: tuple[str, ...] | None, trusted: bool) -> tuple[str, ...] | None:
         """
@@ -176,10 +180,7 @@ class Policy:
                 if not isinstance(verdict, Verdict):
                     raise TypeError(f"validator returned {verdict!r}, not a Verdict")
             except Exception:
-                self.log.failure("validator {validator} failed for {address}", validator=name, address=address)
-                if self.metrics is not None:
-                    self.metrics.pluginFailed("validator", name)
-                return VALIDATOR_FAILED
+                return self._pluginFailed("validator", name, address)
             if verdict.decision is Decision.CONTINUE:
                 continue
             if verdict.decision is Decision.ACCEPT:

@@ -110,6 +110,33 @@ example.test = local
 )
 
 
+# A relay that delivers localhost itself and relays everything else to a
+# plain-text smart host on 127.0.0.1:{peer} (a scripted next hop).
+SMARTHOST = (
+    HEAD
+    + """\
+local_domains = localhost
+{policy}
+
+[queue]
+{queue}
+
+[delivery:local]
+plugin = maildir
+
+[delivery:upstream]
+plugin = smarthost
+host = 127.0.0.1
+port = {peer}
+tls = none
+
+[routes]
+localhost = local
+* = upstream
+"""
+)
+
+
 class Relay:
     """One twistd process running relay in its own directory."""
 
@@ -182,6 +209,10 @@ class Relay:
     def delivered(self, address: str) -> list[Path]:
         new = self.maildir(address) / "new"
         return sorted(new.iterdir()) if new.is_dir() else []
+
+
+def smarthostConfig(state: Path, port: int, peer: int, queue: str = "retry = 1s", policy: str = "") -> str:
+    return SMARTHOST.format(state=state, port=port, peer=peer, queue=queue, policy=policy)
 
 
 @pytest.fixture

@@ -160,7 +160,7 @@ def test_a_misbehaving_check_costs_one_451_and_a_log_line(misbehaviour):
         globalLogPublisher.removeObserver(events.append)
     assert (outcome.code, outcome.enhanced) == (451, "4.3.0")
     assert metrics.failed == [("backend", "local")]
-    assert any("log_failure" in e and e.get("backend") == "local" for e in events)
+    assert any("log_failure" in e and e.get("kind") == "backend" and e.get("plugin") == "local" for e in events)
 
 
 @pytest.mark.parametrize(

@@ -15,33 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from relayproc import HEAD, Relay, freePort
+from relayproc import Relay, freePort, smarthostConfig
 from scriptedpeer import LaxMessage, LaxPeer
 
 pytestmark = pytest.mark.integration
 
-CONFIG = (
-    HEAD
-    + """\
-local_domains = localhost
-
-[queue]
-retry = 1s
-
-[delivery:local]
-plugin = maildir
-
-[delivery:internet]
-plugin = smarthost
-host = 127.0.0.1
-port = {peer}
-tls = none
-
-[routes]
-localhost = local
-* = internet
-"""
-)
 
 # The attack of issue 11: an ORCPT whose xtext decodes to an LF, a dot, and a
 # whole second transaction.
@@ -104,7 +82,7 @@ def lax():
 
 def relayVia(relay, tmp_path: Path, peer: LaxPeer) -> Relay:
     port = freePort()
-    return relay(config=CONFIG.format(state=tmp_path / "var", port=port, peer=peer.port), port=port).start()
+    return relay(config=smarthostConfig(tmp_path / "var", port, peer.port), port=port).start()
 
 
 def assertClean(message: LaxMessage) -> None:

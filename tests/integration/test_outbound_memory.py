@@ -15,38 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from relayproc import HEAD, Relay, freePort, waitFor
+from relayproc import Relay, freePort, smarthostConfig, waitFor
 
 pytestmark = pytest.mark.integration
 
 MB = 1024 * 1024
 LINE = b"x" * 998 + b"\r\n"
 BIG = b"Subject: big\r\n\r\n" + LINE * (35 * MB // len(LINE))
-
-CONFIG = (
-    HEAD
-    + """\
-local_domains = localhost
-max_message_size = 40M
-
-[queue]
-retry = 1h
-destination_concurrency = 30
-
-[delivery:local]
-plugin = maildir
-
-[delivery:upstream]
-plugin = smarthost
-host = 127.0.0.1
-port = {peer}
-tls = none
-
-[routes]
-localhost = local
-* = upstream
-"""
-)
 
 
 def memory(pid: int) -> tuple[int, int]:
@@ -197,7 +172,9 @@ def hop():
 
 def relayTo(relay, tmp_path: Path, peer: int) -> Relay:
     port = freePort()
-    return relay(config=CONFIG.format(state=tmp_path / "var", port=port, peer=peer), port=port).start()
+    queue = "retry = 1h\ndestination_concurrency = 30"
+    config = smarthostConfig(tmp_path / "var", port, peer, queue=queue, policy="max_message_size = 40M")
+    return relay(config=config, port=port).start()
 
 
 def send(port: int, body: bytes) -> None:
