@@ -251,3 +251,19 @@ class DeliveryResult:
     @property
     def delivered(self) -> bool:
         return self.status.ok
+
+
+@dataclass(frozen=True)
+class QueueScan:
+    """
+    What L{relay.interfaces.IQueueStore.scan} found.
+
+    @ivar due: C{(due time, queue id)} of the messages due, earliest first.
+    @ivar total: the number of committed messages in the store.
+    @ivar later: the earliest due time of the messages left out for being due
+        later or past the limit (not counting the excluded ones), or C{None}.
+    """
+
+    due: list[tuple[float, str]]
+    total: int
+    later: float | None

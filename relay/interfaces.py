@@ -176,16 +176,53 @@ class IQueueStore(Interface):
     """
     Durable storage of queued messages: the only hand-off between receiving
     and delivering.
+
+    A queue may hold millions of messages (an outage downstream, a hold for
+    maintenance), so nothing here hands over the whole queue at once: the
+    scheduler keeps a bounded set of messages in memory and asks L{scan} for
+    the ones that fall due, L{load}ing each when it takes it.  Every message
+    carries a due time: when it was committed, its arrival; after an
+    L{update}, the earliest C{next_attempt} of its pending recipients.
     """
 
     def recover():
         """
-        Called once at start-up, before anything else.
+        Called once at start-up, before anything else, while the listeners
+        may already accept (the messages of this run are left alone).
 
-        @return: (a Deferred of) a list of every committed
-            L{relay.envelope.Envelope} that has not been removed, including
-            those that were being delivered when the process died.
-            Uncommitted leftovers are discarded.
+        Tidy what earlier runs left behind: uncommitted leftovers are
+        discarded; a damaged message is set aside with a log line, never
+        deleted silently.  It must not need to read every queued message.
+
+        @return: a Deferred firing with the number of committed messages in
+            the queue.  It fails if the queue cannot be used; start-up then
+            stops, rather than accepting mail it may be unable to keep.
+        """
+
+    def scan(before, limit, exclude):
+        """
+        The messages that are due.
+
+        @param before: a POSIX time: messages due at or before it.
+        @param limit: at most this many.
+        @param exclude: a collection of queue ids not to return (those the
+            scheduler already holds).
+        @return: a Deferred firing with a L{relay.envelope.QueueScan}: the
+            due messages as C{(due, queue_id)} pairs, earliest first; the
+            number of messages in the store; and the earliest due time of
+            the messages left out for being due later or past C{limit}
+            (C{None} if there are none), so that the caller knows when to
+            scan again.  Its cost may grow with the size of the queue: it
+            runs off the reactor thread, and callers ask it sparingly.
+        """
+
+    def load(queue_id):
+        """
+        @return: a Deferred firing with the stored L{relay.envelope.Envelope}
+            of a committed message, with the recipient states of its last
+            L{update}.  It fails with L{FileNotFoundError} for an unknown (or
+            removed) queue id, and with L{ValueError} for a message found
+            damaged (which the store sets aside with a log line).
         """
 
     def begin():
@@ -193,18 +230,30 @@ class IQueueStore(Interface):
 
     def openData(queue_id):
         """
-        @return: a new binary file reading the committed message data.
+        @return: a new binary file reading the committed message data (the
+            data alone, from its first octet to its last), to be read a
+            block at a time.
         @raise OSError: (L{FileNotFoundError}) for an unknown queue id.
         """
 
     def update(envelope):
         """
-        Replace the stored envelope atomically (recipient states after an
-        attempt).  @return: a Deferred that fires when it is durable.
+        Replace the stored state of a message atomically: its recipients'
+        states, its C{extra}, and with them its due time.  The data and the
+        rest of the envelope never change after commit.
+
+        @return: a Deferred that fires when the new state is durable; after
+            a crash, a message has either its old state or its new one.  It
+            fails with L{OSError} if that cannot be done: the old state
+            stands, and the caller tries again later.
         """
 
     def remove(queue_id):
-        """Forget a message whose recipients are all done. @return: Deferred."""
+        """
+        Forget a message whose recipients are all done.  @return: a Deferred
+        firing once it is done; it need not be durable yet (a crash may bring
+        the message back, to be delivered again, never lost).
+        """
 
     def stop():
         """Release resources; may return a Deferred."""
