@@ -78,6 +78,8 @@ _QUEUE_KEYS = (
     "concurrency",
     "destination_concurrency",
     "delivery_timeout",
+    "active_limit",
+    "commit_timeout",
 )
 _NAMED = ("listener", "validator", "delivery")
 _KNOWN = "relay, listener:NAME, tls, auth, policy, validator:NAME, queue, delivery:NAME, routes, control, metrics"
@@ -181,6 +183,8 @@ class QueueSettings:
     concurrency: int = 100
     destination_concurrency: int = 20
     delivery_timeout: float = 600.0
+    active_limit: int = 10_000
+    commit_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -536,6 +540,8 @@ def load(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = Non
             "queue", "destination_concurrency", "20", _positive(_count, "destination_concurrency")
         ),
         delivery_timeout=r.convert("queue", "delivery_timeout", "10m", _positive(parse_duration, "delivery_timeout")),
+        active_limit=r.convert("queue", "active_limit", "10000", _positive(_count, "active_limit")),
+        commit_timeout=r.convert("queue", "commit_timeout", "30s", _positive(parse_duration, "commit_timeout")),
         options=MappingProxyType({k: v for k, v in queueValues.items() if k not in _QUEUE_KEYS}),
     )
 

@@ -29,6 +29,15 @@ class Metrics:
             registry=self.registry,
         )
         self.queued = Gauge("relay_queued_messages", "Messages in the queue", registry=self.registry)
+        self.active = Gauge(
+            "relay_active_messages", "Messages held in memory by the scheduler (the active set)", registry=self.registry
+        )
+        self.storeFailures = Counter(
+            "relay_queue_store_failures",
+            "Queue store operations that failed (the message is retried, never dropped)",
+            ["operation"],
+            registry=self.registry,
+        )
 
     def pluginFailed(self, kind: str, plugin: str) -> None:
         self.pluginFailures.labels(kind=kind, plugin=plugin).inc()

@@ -7,16 +7,19 @@ reported with the file, section and key it came from.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import atexit
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface.interface import InterfaceClass
 
@@ -33,25 +36,97 @@ from relay.smtp.server import ServerSettings, SMTPServerFactory
 from relay.smtp.tls import TLSError, serverOptions, wrapImplicit
 
 
+class Listener(StreamServerEndpointService):
+    """
+    A listener that binds at once (as root if need be, and a taken port
+    stops start-up) but accepts no connection until it is started: until the
+    queue has been recovered, a client waits in the kernel's backlog, and if
+    recovery fails the process ends without having answered anyone.
+    """
+
+    _opened = False
+    _listening: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._bound)
+
+    def _bound(self, port: Any) -> Any:
+        self._listening = port
+        if port is not None and not self._opened:
+            pause = getattr(port, "stopReading", None)  # TCP and UNIX ports; others accept at once
+            if pause is not None:
+                pause()
+        return port
+
+    def startService(self) -> None:
+        super().startService()
+        self._opened = True
+        resume = getattr(self._listening, "startReading", None)
+        if resume is not None:
+            resume()
+
+
+def exitOnFatal(reactor: Any, message: str) -> None:
+    """
+    Stop the process with a non-zero status and C{message} as one line on
+    standard error (twistd has no exit status of its own: it is set once
+    twistd has cleaned up, its pid file included).
+    """
+    os.write(2, f"relay: {message}\n".encode(errors="replace"))
+    atexit.register(os._exit, 1)
+    reactor.callWhenRunning(reactor.stop)
+
+
 class RelayService(MultiService):
-    """The relay: recovers the queue, then receives and delivers."""
+    """
+    The relay: recovers the queue, then receives and delivers.  Nothing is
+    started (no session answered, no delivery attempted) until the store's
+    recovery succeeded; if it fails, the process stops (C{onFatal}) rather
+    than accept mail it may be unable to keep.
+    """
 
     log = Logger()
 
-    def __init__(self, settings: Settings, store: Any, scheduler: Scheduler) -> None:
+    def __init__(
+        self, settings: Settings, store: Any, scheduler: Scheduler, onFatal: Callable[[str], None] | None = None
+    ) -> None:
         super().__init__()
         self.settings = settings
         self.store = store
         self.scheduler = scheduler
+        self.onFatal = onFatal
+        self.recovery: Deferred[None] | None = None
 
     def startService(self) -> None:
+        Service.startService(self)  # the children start once the queue is known to be usable
         d = maybeDeferred(self.store.recover)
-        d.addCallback(self.scheduler.recovered)
-        d.addErrback(lambda f: self.log.failure("queue recovery failed", f))
-        super().startService()
+        d.addCallbacks(self._recovered, self._recoveryFailed)
+        d.addErrback(self._startFailed)
+        self.recovery = d
+
+    def _recovered(self, count: int) -> None:
+        if not self.running:
+            return  # stopped while recovering
+        self.scheduler.recovered(count)
+        for service in self:
+            service.startService()
+
+    def _recoveryFailed(self, failure: Failure) -> None:
+        message = f"cannot use the queue at {self.settings.queue.path}: {failure.getErrorMessage()}"
+        self.log.critical("{message}; stopping", message=message)
+        if self.onFatal is not None:
+            self.onFatal(message)
+
+    def _startFailed(self, failure: Failure) -> None:
+        self.log.failure("start-up failed", failure)
+        if self.onFatal is not None:
+            self.onFatal(f"start-up failed: {failure.getErrorMessage()}")
 
     def stopService(self) -> Any:
-        d = maybeDeferred(super().stopService)
+        Service.stopService(self)
+        stops = [maybeDeferred(service.stopService) for service in reversed(list(self)) if service.running]
+        d: Deferred[Any] = DeferredList(stops)
         d.addCallback(lambda _: self._stopBackends())
         d.addCallback(lambda _: self.store.stop())
         return d
@@ -169,12 +244,14 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         warnAfter=queue.warn_after,
         hold=queue.hold,
         concurrency=queue.concurrency,
+        activeLimit=queue.active_limit,
         destinationConcurrency=queue.destination_concurrency,
         attemptTimeout=queue.delivery_timeout,
         metrics=metrics,
     )
     metrics.queued.set_function(scheduler.queued)
-    top = RelayService(settings, store, scheduler)
+    metrics.active.set_function(scheduler.held)
+    top = RelayService(settings, store, scheduler, onFatal=lambda message: exitOnFatal(reactor, message))
     scheduler.setServiceParent(top)
 
     policy = Policy(
@@ -196,6 +273,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         store=store,
         onAccepted=lambda envelope: (metrics.accepted.inc(), scheduler.enqueue(envelope)),
         clock=reactor,
+        commitTimeout=queue.commit_timeout,
     )
     tlsOptions = _tlsOptions(settings)
     portal = None
@@ -214,7 +292,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         if listener.tls == "implicit":
             factory = wrapImplicit(factory, tlsOptions, clock=reactor)
         endpoint = serverFromString(reactor, listener.endpoint)
-        service = StreamServerEndpointService(endpoint, factory)
+        service = Listener(endpoint, factory)
         service.setName(f"listener:{listener.name}")
         service.setServiceParent(top)
     if settings.metrics_endpoint is not None:

@@ -93,6 +93,7 @@ def test_minimal_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert q.warn_after == 4 * 3600
     assert q.hold is False
     assert (q.concurrency, q.destination_concurrency, q.delivery_timeout) == (100, 20, 600)
+    assert (q.active_limit, q.commit_timeout) == (10_000, 30)
     assert s.validator_timeout == 30
     assert dict(q.options) == {}
     assert dict(s.deliveries) == {"local": PluginSection("delivery:local", "local", "maildir", MappingProxyType({}))}
@@ -166,6 +167,8 @@ def test_full_file(files: Path) -> None:
         hold = yes
         concurrency = 7
         destination_concurrency = 3
+        active_limit = 500
+        commit_timeout = 1m
         fsync = no
 
         [delivery:local]
@@ -228,6 +231,7 @@ def test_full_file(files: Path) -> None:
     assert s.queue.max_age == 2 * 86400
     assert s.queue.warn_after == 0
     assert (s.queue.hold, s.queue.concurrency, s.queue.destination_concurrency) == (True, 7, 3)
+    assert (s.queue.active_limit, s.queue.commit_timeout) == (500, 60)
     assert dict(s.queue.options) == {"fsync": "no"}
     assert isinstance(s.queue.options, MappingProxyType)
     assert list(s.deliveries) == ["local", "internet"]
@@ -551,6 +555,10 @@ def test_error_message_format(tmp_path: Path) -> None:
         ("[queue]\ndelivery_timeout = 0\n", "queue", "delivery_timeout", "more than zero"),
         ("[queue]\nconcurrency = 0\n", "queue", "concurrency", "more than zero"),
         ("[queue]\ndestination_concurrency = many\n", "queue", "destination_concurrency", "bad number"),
+        ("[queue]\nactive_limit = 0\n", "queue", "active_limit", "more than zero"),
+        ("[queue]\nactive_limit = lots\n", "queue", "active_limit", "bad number"),
+        ("[queue]\ncommit_timeout = 0\n", "queue", "commit_timeout", "more than zero"),
+        ("[queue]\ncommit_timeout = never\n", "queue", "commit_timeout", "bad duration"),
         # routes
         ("[delivery:mx]\nplugin = mx\n[routes]\n", "routes", None, "duplicate section"),
         ("[control]\nendpoint = tcp:notaport\n", "control", "endpoint", "bad endpoint"),

@@ -6,12 +6,12 @@ import email
 import email.policy
 import random
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from relay.delivery.router import Router
-from relay.envelope import DeliveryResult, Envelope, Recipient, RecipientState, Status
+from relay.envelope import DeliveryResult, Envelope, QueueScan, Recipient, RecipientState, Status
 from relay.queue.memory import MemoryQueueStore
 from relay.queue.scheduler import Scheduler
 
@@ -42,7 +42,7 @@ class ScriptedBackend:
         pass
 
 
-def setup(answers, retry=(60.0, 300.0), maxAge=3600.0, concurrency=20, destinationConcurrency=20):
+def setup(answers, retry=(60.0, 300.0), maxAge=3600.0, concurrency=20, destinationConcurrency=20, **kw):
     clock = Clock()
     clock.advance(1000)
     store = MemoryQueueStore()
@@ -58,7 +58,9 @@ def setup(answers, retry=(60.0, 300.0), maxAge=3600.0, concurrency=20, destinati
         destinationConcurrency=destinationConcurrency,
         jitter=0.0,
         rng=random.Random(1),
+        **kw,
     )
+    scheduler.recovered(0)
     return clock, store, backend, scheduler
 
 
@@ -118,8 +120,7 @@ def test_expires_after_max_age():
     for _ in range(10):
         clock.advance(600)
     assert len(backend.calls) == 4  # at 0, 600, 1200, 1800: expired at the fourth
-    assert envelope.recipients[0].state is RecipientState.FAILED
-    assert store.messages == {}
+    assert store.messages == {}  # given up (and removed), not retried for ever
 
 
 def test_unrouted_recipient_is_deferred_not_lost():
@@ -231,18 +232,6 @@ def test_message_for_two_destinations_waits_for_the_full_one():
     assert store.messages == {}
 
 
-def test_recovered_messages_due_now_and_done_ones_removed():
-    clock, store, backend, scheduler = setup({"a@x.example": [OK]})
-    pending = queue(store, clock, "a@x.example")
-    done = queue(store, clock, "b@x.example")
-    done.recipients[0].state = RecipientState.DELIVERED
-    store.update(done)
-    scheduler.recovered(store.recover())
-    clock.advance(0)
-    assert [c[0] for c in backend.calls] == [pending.queue_id]
-    assert store.messages == {}
-
-
 def test_stop_waits_for_running_attempts():
     clock, store, backend, scheduler = setup({"a@x.example": [OK]})
     scheduler.startService()
@@ -326,3 +315,269 @@ def test_hold_keeps_everything_queued():
     assert backend.calls == []
     assert list(store.messages) == [envelope.queue_id]
     assert scheduler.queued() == 1
+
+
+# -- the active set, scans and recovery --------------------------------------------
+
+
+class Timed(ScriptedBackend):
+    """Also records when each attempt was made and how many envelopes the scheduler held then."""
+
+    def __init__(self, answers, clock) -> None:
+        super().__init__(answers)
+        self.clock = clock
+        self.scheduler = None
+        self.times: dict[str, list[float]] = {}
+        self.heldAtAttempt: list[int] = []
+
+    def deliver(self, envelope, recipients, openData):
+        self.times.setdefault(envelope.queue_id, []).append(self.clock.seconds())
+        self.heldAtAttempt.append(self.scheduler.held())
+        return super().deliver(envelope, recipients, openData)
+
+
+def restarted(store, clock, answers, count=None, **kw):
+    """A scheduler started on C{store}, as after a restart: nothing in memory."""
+    backend = Timed(answers, clock)
+    router = Router(lambda domain: "local", {"local": backend})
+    kw.setdefault("jitter", 0.0)
+    scheduler = Scheduler(store, router, clock, kw.pop("retry", (60.0,)), kw.pop("maxAge", 86400.0), **kw)
+    backend.scheduler = scheduler
+    scheduler.recovered(len(store.messages) if count is None else count)
+    return backend, scheduler
+
+
+def stored(store, clock, address, receivedAt, nextAttempt=None, attempts=0):
+    incoming = store.begin()
+    incoming.write(b"Subject: " + address.encode() + b"\r\n\r\nbody\r\n")
+    envelope = Envelope(incoming.queue_id, "s@example.org", [Recipient(address)], receivedAt)
+    incoming.commit(envelope)
+    if nextAttempt is not None:
+        envelope.recipients[0].next_attempt = nextAttempt
+        envelope.recipients[0].attempts = attempts
+        store.update(envelope)
+    return envelope
+
+
+class LogLines:
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def __enter__(self) -> LogLines:
+        globalLogPublisher.addObserver(self.events.append)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        globalLogPublisher.removeObserver(self.events.append)
+
+    def matching(self, fragment: str) -> list[str]:
+        return [formatEvent(e) for e in self.events if fragment in e.get("log_format", "")]
+
+
+def test_active_set_is_bounded_and_everything_goes_in_due_order():
+    clock = Clock()
+    clock.advance(10_000)
+    store = MemoryQueueStore()
+    addresses = [f"r{i}@x.example" for i in range(100)]
+    rng = random.Random(7)
+    arrivals = {a: 5_000.0 + rng.uniform(0, 4_000) for a in addresses}
+    for address in addresses:
+        stored(store, clock, address, arrivals[address])
+    backend, scheduler = restarted(store, clock, {a: [OK] for a in addresses}, activeLimit=10, recoverySpread=0.0)
+    for _ in range(30):
+        assert scheduler.held() <= 10
+        clock.advance(1)
+    assert store.messages == {} and scheduler.queued() == 0 and scheduler.held() == 0
+    assert max(backend.heldAtAttempt) <= 10
+    delivered = [c[1][0] for c in backend.calls]
+    assert delivered == sorted(addresses, key=arrivals.__getitem__)  # earliest due first
+    assert scheduler.scans <= 12, scheduler.scans  # ten refills of ten, not one scan per message
+
+
+def test_commits_beyond_the_active_set_stay_on_disk_until_there_is_room():
+    clock, store, backend, scheduler = setup({f"r{i}@x.example": [OK] for i in range(7)}, activeLimit=3)
+    backend.hold = Deferred()
+    for i in range(7):
+        scheduler.enqueue(queue(store, clock, f"r{i}@x.example"))
+    assert scheduler.held() == 3 and scheduler.queued() == 7 and len(store.messages) == 7
+    clock.advance(0)
+    assert len(backend.calls) == 3
+    held, backend.hold = backend.hold, None
+    held.callback(None)
+    clock.advance(0)
+    clock.advance(1)  # the refill scan waits a scan spacing after the last
+    clock.advance(1)
+    assert len(backend.calls) == 7 and store.messages == {} and scheduler.queued() == 0
+    assert scheduler.scans <= 3
+
+
+def test_scans_are_sparing_when_nothing_happens():
+    clock, store, backend, scheduler = setup({})
+    for _ in range(3600):
+        clock.advance(1)
+    assert scheduler.scans == 12  # the periodic rescan alone, every five minutes
+
+
+def test_deferred_message_leaves_memory_and_comes_back_when_due():
+    clock, store, backend, scheduler = setup({"a@x.example": [LATER, OK]}, retry=(600.0,))
+    envelope = queue(store, clock, "a@x.example")
+    scheduler.enqueue(envelope)
+    clock.advance(0)
+    assert scheduler.held() == 0 and scheduler.queued() == 1  # on disk only, with its next attempt
+    assert store.messages[envelope.queue_id][0].recipients[0].next_attempt == 1600.0
+    clock.advance(599)
+    assert len(backend.calls) == 1
+    clock.advance(1)
+    assert len(backend.calls) == 2 and store.messages == {}
+    assert scheduler.scans <= 3  # two periodic ones and the one at its due time
+
+
+def test_deferred_message_due_soon_stays_in_memory():
+    clock, store, backend, scheduler = setup({"a@x.example": [LATER, OK]}, retry=(30.0,))
+    scheduler.enqueue(queue(store, clock, "a@x.example"))
+    clock.advance(0)
+    assert scheduler.held() == 1
+    clock.advance(30)
+    assert len(backend.calls) == 2 and store.messages == {}
+    assert scheduler.scans == 0
+
+
+def test_recovery_honours_stored_next_attempts_and_spreads_the_due_ones():
+    clock = Clock()
+    clock.advance(100_000)
+    start = clock.seconds()
+    store = MemoryQueueStore()
+    due = [stored(store, clock, f"due{i}@x.example", start - 5_000 + i) for i in range(40)]
+    later = [
+        stored(store, clock, f"later{i}@x.example", start - 9_000, nextAttempt=start + 100 * (i + 1), attempts=1)
+        for i in range(10)
+    ]
+    answers = {e.recipients[0].address: [OK] for e in due + later}
+    backend, scheduler = restarted(store, clock, answers, recoveryRate=10.0, rng=random.Random(3))
+    # 50 messages at 10 a second: those already due are spread over 5 seconds.
+    for _ in range(1100):
+        clock.advance(1)
+    assert store.messages == {}
+    dueTimes = [backend.times[e.queue_id][0] - start for e in due]
+    assert all(0 <= t <= 5 for t in dueTimes), dueTimes
+    assert len({round(t) for t in dueTimes}) >= 4  # spread, not one burst
+    for i, envelope in enumerate(later):
+        [attempted] = backend.times[envelope.queue_id]
+        assert start + 100 * (i + 1) <= attempted <= start + 100 * (i + 1) + 1  # never early, hardly late
+
+
+def test_new_message_during_a_recovery_spread_goes_at_once():
+    clock = Clock()
+    clock.advance(100_000)
+    store = MemoryQueueStore()
+    old = [stored(store, clock, f"old{i}@x.example", 50_000.0) for i in range(600)]
+    answers = {e.recipients[0].address: [OK] for e in old}
+    answers["new@x.example"] = [OK]
+    backend, scheduler = restarted(store, clock, answers, rng=random.Random(5))
+    clock.advance(0)
+    fresh = queue(store, clock, "new@x.example")
+    scheduler.enqueue(fresh)
+    clock.advance(0)
+    assert backend.times[fresh.queue_id] == [100_000.0]
+    assert len(backend.calls) < 100  # the 600 old ones are spread over 3 seconds
+    for _ in range(5):
+        clock.advance(1)
+    assert store.messages == {}
+
+
+def test_update_failure_keeps_the_message_and_retries_the_update_before_delivering_again():
+    clock, store, backend, scheduler = setup({"a@x.example": [OK], "b@x.example": [LATER, OK]}, retry=(60.0,))
+    envelope = queue(store, clock, "a@x.example", "b@x.example")
+    store.failUpdates = True
+    with LogLines() as log:
+        scheduler.enqueue(envelope)
+        clock.advance(0)
+        clock.advance(5)  # tried again after 5 s, then 10 s, 20 s...
+        clock.advance(10)
+        clock.advance(20)
+        clock.advance(40)  # past the recipient's next attempt: still not attempted while unsaved
+    assert len(backend.calls) == 1
+    assert scheduler.held() == 1
+    assert [r.state for r in store.messages[envelope.queue_id][0].recipients] == [RecipientState.PENDING] * 2
+    lines = log.matching("could not {operation}")
+    assert lines[0] == f"could not update {envelope.queue_id}: [Errno 5] Input/output error; trying again in 5s"
+    assert len(lines) == 5
+    store.failUpdates = False
+    clock.advance(80)
+    # Stored at last, then delivered to the one recipient still pending: a@ is not sent twice.
+    assert [c[1] for c in backend.calls] == [["a@x.example", "b@x.example"], ["b@x.example"]]
+    assert store.messages == {} and scheduler.held() == 0 and scheduler.queued() == 0
+
+
+def test_remove_failure_is_logged_and_retried_never_delivered_again():
+    clock, store, backend, scheduler = setup({"a@x.example": [OK]})
+    envelope = queue(store, clock, "a@x.example")
+    store.failRemoves = True
+    with LogLines() as log:
+        scheduler.enqueue(envelope)
+        clock.advance(0)
+        for _ in range(4):
+            clock.advance(300)  # periodic scans meanwhile: the message is not loaded again
+    assert len(backend.calls) == 1
+    assert envelope.queue_id in store.messages and scheduler.held() == 1
+    assert log.matching("could not {operation}")[0] == (
+        f"could not remove {envelope.queue_id}: [Errno 5] Input/output error; trying again in 5s"
+    )
+    store.failRemoves = False
+    clock.advance(300)
+    assert store.messages == {} and scheduler.held() == 0 and scheduler.queued() == 0
+    assert len(backend.calls) == 1
+
+
+class Damaging(MemoryQueueStore):
+    """A memory store with a damaged message, one removed behind our back, and one done but not removed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.damaged: set[str] = set()
+        self.vanished: set[str] = set()
+
+    def scan(self, before, limit, exclude):
+        scan = super().scan(before, limit, exclude)
+        found = []
+        scan.addCallback(found.append)
+        [result] = found
+        extra = [(1.0, q) for q, (e, _) in self.messages.items() if not e.pending() and q not in exclude]
+        return succeed(QueueScan(extra + result.due + [(1.0, q) for q in self.vanished], result.total, result.later))
+
+    def load(self, queueID):
+        if queueID in self.damaged:
+            return fail(ValueError(f"damaged envelope {queueID}: set aside"))
+        return super().load(queueID)
+
+
+def test_load_failures_skip_the_message_with_a_log_line():
+    clock = Clock()
+    clock.advance(10_000)
+    store = Damaging()
+    good = stored(store, clock, "good@x.example", 9_000.0)
+    bad = stored(store, clock, "bad@x.example", 9_000.0)
+    done = stored(store, clock, "done@x.example", 9_000.0)
+    done.recipients[0].state = RecipientState.DELIVERED
+    store.update(done)
+    store.damaged.add(bad.queue_id)
+    store.vanished.add("M-gone")
+    with LogLines() as log:
+        backend, scheduler = restarted(store, clock, {"good@x.example": [OK]})
+        clock.advance(1)
+    assert [c[0] for c in backend.calls] == [good.queue_id]
+    assert log.matching("skipped damaged message") == [
+        f"skipped damaged message {bad.queue_id}: damaged envelope {bad.queue_id}: set aside"
+    ]
+    assert list(store.messages) == [bad.queue_id]  # the done one was removed, the damaged one left alone
+    assert not log.matching("went wrong")  # the vanished one is no error
+    assert scheduler.held() == 0
+
+
+def test_hold_keeps_nothing_in_memory_and_never_scans():
+    clock, store, backend, scheduler = setup({"a@x.example": [OK]}, hold=True)
+    for _ in range(3):
+        scheduler.enqueue(queue(store, clock, "a@x.example"))
+    for _ in range(3600):
+        clock.advance(1)
+    assert (scheduler.held(), scheduler.queued(), scheduler.scans) == (0, 3, 0)

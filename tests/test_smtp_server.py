@@ -13,6 +13,7 @@ from relay import verdict
 from relay.delivery.maildir import MaildirBackend
 from relay.delivery.router import Router
 from relay.plugin import runInline
+from relay.queue.memory import MemoryQueueStore
 from relay.smtp.server import SMTPServer
 
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
@@ -365,6 +366,67 @@ def test_commit_failure_other_than_disk_full():
     s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n")
     assert s.codes(MESSAGE + b".\r\n") == ["451 4.3.0"]
     assert broken.aborted
+
+
+class Wedged:
+    """An incoming message whose commit answers only when the test says (a wedged sync)."""
+
+    queue_id = "Q1"
+
+    def __init__(self) -> None:
+        self.commits: list[Deferred] = []
+        self.aborted = False
+
+    def write(self, data):
+        pass
+
+    def commit(self, envelope):
+        d = Deferred()
+        self.commits.append(d)
+        return d
+
+    def abort(self):
+        self.aborted = True
+
+
+def test_commit_past_its_deadline_gets_451_and_the_session_goes_on():
+    s = Session(commitTimeout=30.0, commandTimeout=300.0)
+    wedged = Wedged()
+    s.store.begin = lambda: wedged
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n")
+    assert s.codes(MESSAGE + b".\r\nNOOP\r\n") == []  # the commit is pending: nothing answered yet
+    s.clock.advance(29.9)
+    assert s.take() == b""
+    s.clock.advance(0.2)
+    assert s.codes(b"") == ["451 4.3.0", "250 2.0.0"]  # the pipelined NOOP is answered too
+    assert wedged.aborted and s.accepted == []
+    # The late result is ignored, whatever it is: no second answer, nothing scheduled.
+    wedged.commits[0].callback(None)
+    assert s.take() == b"" and s.accepted == []
+    # The session goes on, with its command timeout running again.
+    s.store.begin = MemoryQueueStore.begin.__get__(s.store)
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n")
+    assert s.codes(MESSAGE + b".\r\n") == ["250 2.0.0"]
+    assert len(s.accepted) == 1
+    s.clock.advance(301)
+    assert s.take().startswith(b"421 4.4.2 ")
+
+
+def test_commit_within_its_deadline_is_answered_250_and_the_deadline_forgotten():
+    s = Session(commitTimeout=30.0)
+    wedged = Wedged()
+    s.store.begin = lambda: wedged
+    s.ready()
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n")
+    assert s.codes(MESSAGE + b".\r\n") == []
+    s.clock.advance(29)
+    wedged.commits[0].callback(None)
+    assert s.codes(b"") == ["250 2.0.0"]
+    assert not wedged.aborted and [e.queue_id for e in s.accepted] == ["Q1"]
+    s.clock.advance(5)
+    assert s.take() == b""  # no 451 after the 250
+    assert all(c.getTime() > s.clock.seconds() + 200 for c in s.clock.getDelayedCalls())  # the idle timer only
 
 
 def test_idle_timeout_sends_421():

@@ -1,10 +1,32 @@
 """
 When to try each queued message, and what to do with the answers.
 
-Due times live in a heap in memory; the queue store is read only at start-up
-(L{IQueueStore.recover}) and written after each attempt.  One timer is armed
-for the earliest due time.  A recipient that was delivered is never attempted
-again, because its state is stored before the message is scheduled again.
+The queue may hold millions of messages (an outage downstream, a hold), so the
+scheduler keeps only a bounded I{active set} in memory, as Postfix's queue
+manager does: at most C{activeLimit} envelopes, with their due times in a heap
+and one timer armed for the earliest.  Messages come in two ways: from the
+server right after their commit (L{Scheduler.enqueue}; when the active set is
+full the message stays on disk only, and the scheduler notes that the disk
+has something due), and from the store, by L{IQueueStore.scan} (the due
+messages, earliest first, as many as there is room for) and
+L{IQueueStore.load}.  A message deferred to a time beyond the scan horizon
+leaves memory once its new state is stored, and a later scan brings it back
+when it is due.
+
+Scans are sparing, since one may cost time in proportion to the queue: there
+is at most one at a time, at most one every C{scanSpacing} seconds, and only
+when the active set has room and the disk may hold something due (a scan
+said so, or a commit overflowed), or every C{rescanInterval} for changes made
+behind the scheduler's back (and to count the queue afresh).  A refill waits
+for a quarter of the active set to be free unless nothing in memory is due.
+
+A recipient that was delivered is never attempted again while the process
+runs: an attempt's outcome is stored (L{IQueueStore.update}) before the
+message is attempted again.  A store that fails to update or remove a message
+costs it a delay, never its place: the message stays in memory with what was
+attempted and the store is asked again, with a growing delay, before any
+further delivery attempt.  Only a crash before the store succeeds brings the
+old state back, and with it a possible second copy, never a loss.
 
 Two limits bound the work in flight: C{concurrency} attempts in all, and
 C{destinationConcurrency} attempts per destination (a delivery backend and a
@@ -25,10 +47,11 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relay.bounce import Kind, buildReport, recipientsToNotify
 from relay.delivery.router import Router
-from relay.envelope import DeliveryResult, Envelope, Recipient, RecipientState, Status
+from relay.envelope import DeliveryResult, Envelope, QueueScan, Recipient, RecipientState, Status
 
 NO_ROUTE = Status(451, "4.3.5", "No route for recipient domain")
 # A report (from the null sender) is never bounced, so retrying one whose
@@ -38,6 +61,9 @@ NO_ROUTE = Status(451, "4.3.5", "No route for recipient domain")
 NO_ROUTE_FOR_REPORT = Status(550, "5.4.4", "No route for recipient domain")
 NO_RESULT = Status(451, "4.3.0", "Delivery backend gave no result for this recipient")
 BACKEND_FAILED = Status(451, "4.3.0", "Delivery backend failed")
+
+# Loads asked of the store at once while filling the active set.
+LOADS_IN_FLIGHT = 16
 
 
 class Scheduler(Service):
@@ -59,7 +85,27 @@ class Scheduler(Service):
         hold: bool = False,
         destinationConcurrency: int = 20,
         metrics: Any = None,
+        activeLimit: int = 10_000,
+        horizon: float = 60.0,
+        scanSpacing: float = 1.0,
+        rescanInterval: float = 300.0,
+        storeRetry: tuple[float, float] = (5.0, 300.0),
+        recoveryRate: float = 200.0,
+        recoverySpread: float = 60.0,
     ) -> None:
+        """
+        @param activeLimit: envelopes held in memory at most.
+        @param horizon: a deferred message due later than this leaves memory;
+            a scan takes the messages due within it.
+        @param scanSpacing: seconds between two scans at least.
+        @param rescanInterval: a scan at least this often, whatever is known.
+        @param storeRetry: the first and the longest delay before a failed
+            update or removal is tried again (doubling in between).
+        @param recoveryRate: messages per second that were already due at
+            start-up are spread over (their number / this) seconds...
+        @param recoverySpread: ...at most this many, so that a restart with a
+            large backlog is not a thundering herd.
+        """
         self.store = store
         self.router = router
         self.clock = clock
@@ -74,49 +120,255 @@ class Scheduler(Service):
         self.hold = hold  # keep everything queued, attempt nothing
         self.destinationConcurrency = destinationConcurrency
         self.metrics = metrics
+        self.activeLimit = activeLimit
+        self.horizon = horizon
+        self.scanSpacing = scanSpacing
+        self.rescanInterval = rescanInterval
+        self.storeRetry = storeRetry
+        self.recoveryRate = recoveryRate
+        self.recoverySpread = recoverySpread
         self._busy: Counter[tuple[str, str]] = Counter()
         self._holding: dict[str, set[tuple[str, str]]] = {}
         self._parked: dict[tuple[str, str], list[str]] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
-        self._envelopes: dict[str, Envelope] = {}
-        self._active: set[str] = set()
+        self._scheduled: dict[str, int] = {}  # queue id -> the heap entry that counts
+        self._envelopes: dict[str, Envelope] = {}  # the active set
+        self._active: set[str] = set()  # being attempted (or stored) now
+        self._unsaved: dict[str, int] = {}  # queue id -> store failures in a row
         self._timer: Any = None
         self._running = 0
         self._stopping = False
         self._idle: list[Deferred[None]] = []
+        # What is on disk only.
+        self._stored = 0  # messages in the store, as last counted and kept up since
+        self._diskNext: float | None = None  # the disk may hold a message due then
+        self._recovered = False
+        self._recoveredAt = 0.0
+        self._spread = 0.0
+        self._scanning = False
+        self._scanTimer: Any = None
+        self._lastScan: float | None = None
+        self._notBefore = 0.0  # after a failed scan
+        self._reserved = 0  # room promised to the scan in progress
+        self._scanNote: float | None = None  # due times noted while it runs
+        self._gone: set[str] = set()  # removed while it runs
+        self._toLoad: list[tuple[float, str]] = []
+        self._loading = 0
+        self._inLoadMore = False
+        self.scans = 0  # for tests and metrics
 
     # -- input -----------------------------------------------------------
 
     def enqueue(self, envelope: Envelope, when: float | None = None) -> None:
-        """Take responsibility for a committed message."""
-        self._envelopes[envelope.queue_id] = envelope
-        self._push(envelope.queue_id, self.clock.seconds() if when is None else when)
-
-    def recovered(self, envelopes: Sequence[Envelope]) -> None:
-        """Messages found at start-up: due now (at-least-once after a crash)."""
+        """
+        Take responsibility for a committed message: it joins the active set,
+        or, if that is full, stays on disk for a scan to find.
+        """
+        self._stored += 1
         now = self.clock.seconds()
-        for envelope in envelopes:
-            if envelope.pending():
-                self.enqueue(envelope, now)
-            else:
-                self.store.remove(envelope.queue_id)
-        if envelopes:
-            self.log.info("recovered {count} queued messages", count=len(envelopes))
+        due = now if when is None else when
+        if self.hold:
+            return  # nothing is attempted: the store keeps it
+        if envelope.queue_id in self._envelopes:
+            return
+        if self._room() <= 0 or self._stopping:
+            self._noteDisk(due)
+            return
+        self._envelopes[envelope.queue_id] = envelope
+        self._push(envelope.queue_id, due)
+
+    def recovered(self, count: int) -> None:
+        """
+        The store's recovery found C{count} committed messages: fill the
+        active set from scans.  Messages already due are spread over up to
+        C{recoverySpread} seconds, in proportion to C{count}; the others keep
+        their stored next attempt.
+        """
+        self._stored += count
+        self._recovered = True
+        self._recoveredAt = self.clock.seconds()
+        self._spread = min(self.recoverySpread, count / self.recoveryRate) if self.recoveryRate > 0 else 0.0
+        self.log.info("recovered {count} queued messages", count=count)
         if self.hold:
             self.log.warn("[queue] hold = yes: messages are accepted and queued, none is delivered")
+            return
+        if count:
+            self._noteDisk(self._recoveredAt)
+        self._armScan()
 
     def queued(self) -> int:
+        """
+        Messages in the queue: what the last scan (or recovery) counted, plus
+        what was committed since, minus what was removed since.  Exact while
+        nothing else writes to the store; a scan that runs while messages
+        come and go may be off by those, until the next one.
+        """
+        return max(0, self._stored)
+
+    def held(self) -> int:
+        """Envelopes in memory: the active set."""
         return len(self._envelopes)
 
     def busy(self) -> dict[tuple[str, str], int]:
         """Attempts in flight per destination (backend name, domain)."""
         return dict(self._busy)
 
+    # -- the active set --------------------------------------------------
+
+    def _room(self) -> int:
+        return self.activeLimit - len(self._envelopes) - self._reserved
+
+    def _forget(self, queueID: str, removed: bool) -> None:
+        """The message leaves memory: removed from the store, or to wait there."""
+        self._envelopes.pop(queueID, None)
+        self._scheduled.pop(queueID, None)
+        self._unsaved.pop(queueID, None)
+        if removed:
+            self._stored -= 1
+            if self._scanning:
+                self._gone.add(queueID)
+        self._armScan()
+
+    def _noteDisk(self, due: float) -> None:
+        """The disk holds a message due at C{due} that memory does not."""
+        if self._scanning:
+            self._scanNote = due if self._scanNote is None else min(self._scanNote, due)
+        self._diskNext = due if self._diskNext is None else min(self._diskNext, due)
+        self._armScan()
+
+    # -- scans -----------------------------------------------------------
+
+    def _nothingDue(self) -> bool:
+        now = self.clock.seconds()
+        return self._running == 0 and (not self._heap or self._heap[0][0] > now)
+
+    def _armScan(self) -> None:
+        if self.hold or self._stopping or self._scanning or not self._recovered:
+            return
+        now = self.clock.seconds()
+        earliest = self._notBefore
+        if self._lastScan is not None:
+            earliest = max(earliest, self._lastScan + self.scanSpacing)
+        when = (self._lastScan if self._lastScan is not None else now) + self.rescanInterval
+        room = self._room()
+        if self._diskNext is not None and room > 0:
+            if room >= max(1, self.activeLimit // 4) or self._nothingDue():
+                when = min(when, max(self._diskNext, earliest))
+        when = max(when, earliest)
+        timer = self._scanTimer
+        if timer is not None and timer.active():
+            if timer.getTime() <= when:
+                return
+            timer.cancel()
+        self._scanTimer = self.clock.callLater(max(0.0, when - now), self._scan)
+
+    def _scan(self) -> None:
+        self._scanTimer = None
+        if self._scanning or self._stopping:
+            return
+        now = self.clock.seconds()
+        self._scanning = True
+        self._lastScan = now
+        self.scans += 1
+        limit = max(0, self._room())
+        self._reserved = limit
+        self._scanNote = None
+        self._gone = set()
+        exclude = frozenset(self._envelopes)
+        d = maybeDeferred(self.store.scan, now + self.horizon, limit, exclude)
+        d.addCallbacks(self._scanned, self._scanFailed)
+        d.addErrback(lambda f: self.log.failure("queue scan result lost", f))
+
+    def _scanned(self, scan: QueueScan) -> None:
+        if self._stopping:
+            self._scanDone()
+            return
+        self._stored = scan.total
+        self._diskNext = scan.later
+        if self._scanNote is not None:
+            self._diskNext = self._scanNote if self._diskNext is None else min(self._diskNext, self._scanNote)
+        wanted = [(due, q) for due, q in scan.due[: self._reserved] if q not in self._envelopes and q not in self._gone]
+        self._reserved = len(wanted)
+        self._toLoad = wanted[::-1]  # popped from the end: earliest first
+        self._loadMore()
+
+    def _scanFailed(self, failure: Failure) -> None:
+        self.log.warn(
+            "queue scan failed: {error}; next scan in {delay:.0f}s",
+            error=failure.getErrorMessage(),
+            delay=self.rescanInterval / 10,
+        )
+        self._notBefore = self.clock.seconds() + self.rescanInterval / 10
+        self._storeFailed("scan")
+        self._scanDone()
+
+    def _loadMore(self) -> None:
+        if self._inLoadMore:
+            return  # a load that answered at once: the running loop goes on
+        self._inLoadMore = True
+        try:
+            while self._toLoad and self._loading < LOADS_IN_FLIGHT:
+                due, queueID = self._toLoad.pop()
+                self._loading += 1
+                d = maybeDeferred(self.store.load, queueID)
+                d.addBoth(self._loaded, queueID, due)
+                d.addErrback(lambda f: self.log.failure("loading a message went wrong", f))
+        finally:
+            self._inLoadMore = False
+        if not self._toLoad and not self._loading and self._scanning:
+            self._scanDone()
+
+    def _loaded(self, result: Envelope | Failure, queueID: str, due: float) -> None:
+        self._loading -= 1
+        self._reserved -= 1
+        try:
+            self._take(result, queueID, due)
+        finally:
+            self._loadMore()  # whatever happened to this one, the scan goes on
+
+    def _take(self, result: Envelope | Failure, queueID: str, due: float) -> None:
+        if isinstance(result, Failure):
+            if result.check(FileNotFoundError):
+                pass  # removed since the scan: nothing to do
+            elif result.check(ValueError):
+                self.log.warn("skipped damaged message {queue_id}: {error}", queue_id=queueID, error=result.value)
+            else:
+                self.log.warn(
+                    "could not load {queue_id}: {error}; tried again at a later scan",
+                    queue_id=queueID,
+                    error=result.getErrorMessage(),
+                )
+                self._storeFailed("load")
+        elif not (self._stopping or queueID in self._envelopes or queueID in self._gone):
+            self._envelopes[queueID] = result
+            if not result.pending():
+                # All done, but its removal never happened (a crash): remove it now.
+                self._unsaved[queueID] = 0
+                due = self.clock.seconds()
+            elif self._spread and due <= self._recoveredAt:
+                # Due before this start: spread, so a backlog is not one burst.
+                due = self._recoveredAt + self._rng.uniform(0, self._spread)
+            self._push(queueID, due)
+
+    def _scanDone(self) -> None:
+        self._scanning = False
+        self._reserved = 0
+        self._scanNote = None
+        self._gone = set()
+        self._toLoad = []
+        self._armScan()
+
+    def _storeFailed(self, operation: str) -> None:
+        if self.metrics is not None:
+            self.metrics.storeFailures.labels(operation=operation).inc()
+
     # -- timer -----------------------------------------------------------
 
     def _push(self, queueID: str, due: float) -> None:
-        heapq.heappush(self._heap, (due, next(self._seq), queueID))
+        seq = next(self._seq)
+        self._scheduled[queueID] = seq
+        heapq.heappush(self._heap, (due, seq, queueID))
         self._arm()
 
     def _arm(self) -> None:
@@ -133,9 +385,16 @@ class Scheduler(Service):
         self._timer = None
         now = self.clock.seconds()
         while self._heap and self._heap[0][0] <= now and self._running < self.concurrency:
-            _, _, queueID = heapq.heappop(self._heap)
+            _, seq, queueID = heapq.heappop(self._heap)
+            if self._scheduled.get(queueID) != seq:
+                continue  # superseded, or no longer in memory
+            del self._scheduled[queueID]
             envelope = self._envelopes.get(queueID)
             if envelope is None or queueID in self._active:
+                continue
+            if queueID in self._unsaved:
+                # The store failed this message's last state: store it before anything else.
+                self._start(queueID, set(), self._save(envelope))
                 continue
             destinations = self._destinations(envelope)
             full = [d for d in destinations if self._busy[d] >= self.destinationConcurrency]
@@ -143,13 +402,24 @@ class Scheduler(Service):
                 self._parked.setdefault(full[0], []).append(queueID)
                 continue
             self._busy.update(destinations)
-            self._holding[queueID] = destinations
-            self._running += 1
-            self._active.add(queueID)
-            d = Deferred.fromCoroutine(self._attempt(envelope))
-            d.addErrback(lambda f, q=queueID: self.log.failure("attempt on {queue_id} failed", f, queue_id=q))
-            d.addBoth(self._finished, queueID)
+            self._start(queueID, destinations, self._attempt(envelope))
         self._arm()
+        self._armScan()
+
+    def _start(self, queueID: str, destinations: set[tuple[str, str]], work: Any) -> None:
+        self._holding[queueID] = destinations
+        self._running += 1
+        self._active.add(queueID)
+        d = Deferred.fromCoroutine(work)
+        d.addErrback(self._attemptFailed, queueID)
+        d.addBoth(self._finished, queueID)
+
+    def _attemptFailed(self, failure: Failure, queueID: str) -> None:
+        # A bug, not a delivery outcome: the message must not be stranded by it.
+        self.log.failure("attempt on {queue_id} failed", failure, queue_id=queueID)
+        if queueID in self._envelopes and not self._stopping:
+            self._unsaved[queueID] = self._unsaved.get(queueID, 0) + 1
+            self._push(queueID, self.clock.seconds() + self._storeDelay(self._unsaved[queueID]))
 
     def _destinations(self, envelope: Envelope) -> set[tuple[str, str]]:
         return {
@@ -167,12 +437,63 @@ class Scheduler(Service):
             # Whoever waited for this destination is due again; if another
             # destination of theirs is still full, they park there instead.
             for waiting in self._parked.pop(destination, ()):
-                heapq.heappush(self._heap, (now, next(self._seq), waiting))
+                if waiting in self._envelopes:
+                    self._push(waiting, now)
         if self._running == 0:
             idle, self._idle = self._idle, []
             for d in idle:
                 d.callback(None)
         self._arm()
+        self._armScan()
+
+    # -- storing outcomes ------------------------------------------------
+
+    def _storeDelay(self, failures: int) -> float:
+        first, longest = self.storeRetry
+        return float(min(longest, first * 2 ** min(failures - 1, 30)))
+
+    async def _save(self, envelope: Envelope) -> None:
+        """
+        Store what was attempted: remove a message that is done, or update
+        it and wait for its next attempt (in memory if that is soon, on disk
+        otherwise).  A store that fails keeps the message in memory, marked
+        unsaved, to be stored again after a delay before anything else.
+        """
+        queueID = envelope.queue_id
+        done = not envelope.pending()
+        try:
+            if done:
+                await maybeDeferred(self.store.remove, queueID)
+            else:
+                await maybeDeferred(self.store.update, envelope)
+        except Exception as e:
+            failures = self._unsaved.get(queueID, 0) + 1
+            self._unsaved[queueID] = failures
+            delay = self._storeDelay(failures)
+            self.log.warn(
+                "could not {operation} {queue_id}: {error}; trying again in {delay:.0f}s",
+                operation="remove" if done else "update",
+                queue_id=queueID,
+                error=e,
+                delay=delay,
+            )
+            self._storeFailed("remove" if done else "update")
+            if not self._stopping:
+                self._push(queueID, self.clock.seconds() + delay)
+            return
+        self._unsaved.pop(queueID, None)
+        if done:
+            self._forget(queueID, removed=True)
+            return
+        if self._stopping:
+            return
+        now = self.clock.seconds()
+        due = min(r.next_attempt or now for r in envelope.pending())
+        if due > now + self.horizon:
+            self._forget(queueID, removed=False)
+            self._noteDisk(due)
+        else:
+            self._push(queueID, due)
 
     # -- one attempt -----------------------------------------------------
 
@@ -214,13 +535,7 @@ class Scheduler(Service):
             if not envelope.extra.get("delay_warned"):
                 envelope.extra["delay_warned"] = True
                 await self._report(envelope, pending, Kind.DELAY, now)
-        if not envelope.pending():
-            del self._envelopes[envelope.queue_id]
-            await maybeDeferred(self.store.remove, envelope.queue_id)
-            return
-        await maybeDeferred(self.store.update, envelope)
-        if not self._stopping:
-            self._push(envelope.queue_id, min(r.next_attempt or now for r in envelope.pending()))
+        await self._save(envelope)
 
     async def _report(self, envelope: Envelope, recipients: list[Recipient], kind: Kind, now: float) -> None:
         if not recipients or self.reportingMTA is None:
@@ -322,9 +637,10 @@ class Scheduler(Service):
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
         self._stopping = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._scanTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._scanTimer = None
         if self._running == 0:
             return None
         d: Deferred[None] = Deferred()

@@ -57,6 +57,8 @@ PAUSE_ABOVE = 256 * 1024
 # RFC 5321 4.5.3.2: server timeout 5 minutes, per DATA block 3 minutes.
 COMMAND_TIMEOUT = 300.0
 DATA_TIMEOUT = 180.0
+# How long the store may take to make a message durable ([queue] commit_timeout).
+COMMIT_TIMEOUT = 30.0
 
 
 class Phase(enum.Enum):
@@ -100,6 +102,7 @@ TOO_MANY_RECIPIENTS = _reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = _reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 NO_STORAGE = _reply(452, "4.3.1", "Error: insufficient system storage")
 LOCAL_ERROR = _reply(451, "4.3.0", "Error: local error in processing; try again later")
+COMMIT_TOO_SLOW = _reply(451, "4.3.0", "Error: queue too slow to store the message; try again later")
 TOO_MANY_HOPS = _reply(554, "5.4.6", "Error: too many hops (mail loop?)")
 VRFY_REPLY = _reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 EXPN_REPLY = _reply(502, "5.5.1", "Error: EXPN not available")
@@ -148,6 +151,7 @@ class ServerSettings:
     maxReceived: int = 50
     commandTimeout: float = COMMAND_TIMEOUT
     dataTimeout: float = DATA_TIMEOUT
+    commitTimeout: float = COMMIT_TIMEOUT
 
 
 @dataclass
@@ -751,9 +755,50 @@ class SMTPServer(Protocol, TimeoutMixin):
             envid=params.envid,
             auth=self.authenticated,
         )
-        d = maybeDeferred(incoming.commit, envelope)
-        d.addCallbacks(lambda _: self._committed(envelope), lambda f: self._commitFailed(f, incoming))
-        return d
+        # The session's own timer is off while we owe the answer, so the
+        # commit has a deadline of its own: a wedged disk costs a 451, never
+        # a session hung for ever.
+        answer: Deferred[Status] = Deferred()
+        clock = self.settings.clock
+        deadline = clock.callLater(self.settings.commitTimeout, self._commitTooSlow, answer, envelope, incoming)
+
+        def outcome(result: object) -> None:
+            if answer.called:
+                self._commitLate(result, envelope)
+                return
+            deadline.cancel()
+            if isinstance(result, Failure):
+                answer.callback(self._commitFailed(result, incoming))
+            else:
+                answer.callback(self._committed(envelope))
+
+        maybeDeferred(incoming.commit, envelope).addBoth(outcome)
+        return answer
+
+    def _commitTooSlow(self, answer: Deferred[Status], envelope: Envelope, incoming: Any) -> None:
+        """
+        The store has not made the message durable in time: the client gets
+        a 451 and tries again.  The message is aborted, so a store that can
+        still drop it does; one whose commit completes all the same keeps it
+        queued, and the scheduler delivers it from the disk: a possible
+        second copy (the client's retry), never a loss.
+        """
+        self.log.warn(
+            "commit of {queue_id} took more than {timeout}s: answered 451",
+            queue_id=envelope.queue_id,
+            timeout=self.settings.commitTimeout,
+        )
+        incoming.abort()
+        answer.callback(COMMIT_TOO_SLOW)
+
+    def _commitLate(self, result: object, envelope: Envelope) -> None:
+        if isinstance(result, Failure):
+            self.log.info("late commit of {queue_id} failed: nothing kept", queue_id=envelope.queue_id)
+        else:
+            self.log.warn(
+                "late commit of {queue_id} succeeded after its 451: it stays queued and is delivered",
+                queue_id=envelope.queue_id,
+            )
 
     def _committed(self, envelope: Envelope) -> Status:
         fields = {

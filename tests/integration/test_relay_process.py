@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -260,3 +261,66 @@ def test_queue_worker_killed_is_replaced_and_never_outlives_the_relay(relay):
     r.kill9()
     # Its stdin closes with the relay: it finishes its batch and exits.
     assert waitFor(lambda: not alive(worker), 10)
+
+
+# -- start-up fails closed -----------------------------------------------------------
+
+TESTS = ROOT / "tests"
+
+
+def greeting(sock: socket.socket, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1024)
+    except TimeoutError:
+        return b""
+    except OSError:
+        return b""  # reset: the process ended
+
+
+def test_queue_that_cannot_be_used_stops_startup_with_one_line(tmp_path):
+    """A regular file where the queue directory goes: found at start-up, before any client is answered."""
+    r = Relay(tmp_path)
+    r.state.mkdir(parents=True)
+    (r.state / "queue").write_text("not a directory")
+    result = subprocess.run(r.command(), cwd=tmp_path, capture_output=True, timeout=30)
+    err = result.stderr.decode()
+    assert result.returncode != 0, (err, r.logText())
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(r.state / "queue") in err, err
+    assert not listening(r.port)
+
+
+def test_failed_recovery_answers_nobody_and_exits_non_zero(tmp_path):
+    r = Relay(tmp_path, queue="store = slowstore:store\ndelay = 1.5\noutcome = fail", env={"PYTHONPATH": str(TESTS)})
+    r.proc = subprocess.Popen(r.command(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=r.env)
+    try:
+        assert waitFor(lambda: listening(r.port) or r.proc.poll() is not None, 10), r.logText()
+        with socket.create_connection(("127.0.0.1", r.port), timeout=5) as sock:
+            # Bound (the port is taken at once), but nobody is answered while the queue is recovered...
+            assert greeting(sock, 1.0) == b""
+            # ...and when recovery fails, nobody ever is: the process ends.
+            assert r.proc.wait(timeout=15) != 0
+            assert greeting(sock, 1.0) == b""
+        err = r.proc.stderr.read().decode()
+        assert err.strip() == f"relay: cannot use the queue at {r.state / 'queue'}: [Errno 5] Input/output error", err
+        assert "cannot use the queue at" in r.logText()
+    finally:
+        r.stop()
+
+
+def test_clients_wait_for_recovery_then_are_served(tmp_path):
+    r = Relay(tmp_path, queue="store = slowstore:store\ndelay = 1.5\noutcome = ok", env={"PYTHONPATH": str(TESTS)})
+    r.start()
+    started = time.monotonic()
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as client:
+            waited = time.monotonic() - started
+            client.ehlo("c.example")
+            assert client.sendmail("a@example.org", ["early@localhost"], BODY) == {}
+        assert 0.5 < waited < 5, waited
+        assert waitFor(lambda: len(r.delivered("early@localhost")) == 1, 5), r.logText()
+        assert "recovered 0 queued messages" in r.logText()
+    finally:
+        r.stop()
