@@ -106,7 +106,7 @@ def _ci() -> bool:
 
 
 def test_kill9_after_250_then_restart_delivers(relay):
-    r = relay()
+    r = relay(retry="3s")
     # Make the first delivery attempt fail (a file where the maildir tree goes),
     # so the message is certainly still queued when the relay is killed.
     r.state.mkdir(parents=True)
@@ -117,7 +117,25 @@ def test_kill9_after_250_then_restart_delivers(relay):
     r.kill9()
     (r.state / "mail").unlink()
     r.start()
-    assert waitFor(lambda: len(r.delivered("survivor@localhost")) == 1, 5), r.logText()
+    assert waitFor(lambda: len(r.delivered("survivor@localhost")) == 1, 10), r.logText()
+    assert "recovered 1 queued messages" in r.logText()
+
+
+def test_restart_honours_stored_next_attempts_and_new_mail_goes_at_once(relay):
+    """After a restart a deferred message waits for its next attempt (an hour here); new mail does not wait."""
+    r = relay(retry="1h")
+    r.state.mkdir(parents=True)
+    (r.state / "mail").write_text("not a directory")
+    r.start()
+    send(r.port, ["later@localhost"])
+    assert waitFor(lambda: "deferred " in r.logText(), 5), r.logText()
+    r.kill9()
+    (r.state / "mail").unlink()
+    r.start()
+    send(r.port, ["now@localhost"])
+    assert waitFor(lambda: len(r.delivered("now@localhost")) == 1, 5), r.logText()
+    time.sleep(2)
+    assert r.delivered("later@localhost") == []
     assert "recovered 1 queued messages" in r.logText()
 
 
