@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -14,11 +15,47 @@ def fsyncDirectory(path: str | os.PathLike[str]) -> None:
     A rename or a new file survives a crash only once its directory is synced;
     fsync of the file alone does not cover the name.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def makeDirectories(path: str | os.PathLike[str], mode: int = 0o700) -> list[Path]:
+    """
+    Create C{path} and any missing parents, durably: after each C{mkdir} its
+    parent directory is fsynced, from the first directory that already
+    existed down, so that a power cut cannot take back a directory (and
+    everything later put in it) that was created by a run which went on to
+    acknowledge mail.
+
+    @return: the directories created, outermost first (none if C{path}
+        already existed).
+    @raise OSError: a directory cannot be created or synced, or something
+        in the way is not a directory.
+    """
+    target = Path(path)
+    missing: list[Path] = []
+    current = target
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    if not current.is_dir() and current not in missing:
+        raise NotADirectoryError(20, "Not a directory", str(current))
+    created: list[Path] = []
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=mode)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+            continue  # made by someone else meanwhile
+        created.append(directory)
+        fsyncDirectory(directory.parent)
+    return created
 
 
 def writeNow(descriptor: Any, data: bytes, send: Callable[[bytes], int]) -> None:

@@ -1,21 +1,40 @@
-"""The queue worker: its pipe protocol, and serving requests from a pipe as its child process does."""
+"""
+The queue worker: its pipe protocol, serving requests from a pipe as its
+child process does, its death with its parent, and the real process being
+killed under a relay's store.
+"""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.queue import fsworker
-from relay.queue.fsworker import APPEND, COMMIT, DISCARD, REMOVE, SYNC_MODES, UPDATE, QueueFiles
+from relay.queue.fsworker import APPEND, COMMIT, DISCARD, REMOVE, UPDATE, QueueFiles, Request
 
 queueIDs = st.text(alphabet="0123456789abcdef", min_size=1, max_size=24)
-requests = st.tuples(st.sampled_from(fsworker.OPCODES), queueIDs, st.binary(max_size=300), st.binary(max_size=300))
+requests = st.builds(
+    Request,
+    st.sampled_from(fsworker.OPCODES),
+    queueIDs,
+    st.binary(max_size=300),
+    st.binary(max_size=300),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**64 - 1),
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(0, 255),
+)
 
 
 @settings(max_examples=300)
@@ -48,19 +67,20 @@ def test_replies_survive_any_chunking(replies, step):
     assert decoded == [(rid, None if error is None else (error[0], error[1])) for rid, error in replies]
 
 
-def served(tmp_path: Path, frames: list, sync: str = SYNC_MODES[0]) -> list:
+def served(tmp_path: Path, frames: list) -> list:
     """Run serve() on a pipe as the child process does, send frames, close, read every reply."""
     for name in ("incoming", "messages"):
         (tmp_path / name).mkdir(exist_ok=True)
     fromRelay, toWorker = os.pipe()
     fromWorker, toRelay = os.pipe()
-    files = QueueFiles(tmp_path, sync)
+    files = QueueFiles(tmp_path)
     worker = threading.Thread(target=fsworker.serve, args=(files, fromRelay, toRelay))
     worker.start()
     fsworker.writeAll(toWorker, b"".join(fsworker.encodeRequest(rid, request) for rid, request in frames))
     os.close(toWorker)
     worker.join(timeout=30)
     assert not worker.is_alive()
+    files.close()
     os.close(toRelay)
     out = b""
     while chunk := os.read(fromWorker, 65536):
@@ -75,35 +95,228 @@ def test_serve_commits_updates_and_removes(tmp_path):
     replies = served(
         tmp_path,
         [
-            (1, (APPEND, "q1", b"first ", b"")),
-            (2, (COMMIT, "q1", b"second", envelope)),
-            (3, (UPDATE, "q1", b"", b'{"updated": true}')),
-            (4, (COMMIT, "q2", b"other", b"{}")),
-            (5, (REMOVE, "q2", b"", b"")),
-            (6, (APPEND, "q3", b"abandoned", b"")),
-            (7, (DISCARD, "q3", b"", b"")),
+            (1, Request(APPEND, "q1", b"first ", generation=1)),
+            (2, Request(COMMIT, "q1", b"second", envelope, generation=1, size=12, due=5_000_000_000)),
+            (3, Request(UPDATE, "q1", payload=b'{"updated": true}', due=7_000_000_000)),
+            (4, Request(COMMIT, "q2", b"other", b"{}", size=5)),
+            (5, Request(REMOVE, "q2")),
+            (6, Request(APPEND, "q3", b"abandoned")),
+            (7, Request(DISCARD, "q3")),
+            (8, Request(COMMIT, "q4", b"short", b"{}", size=6)),  # an octet short of what was sent
+            (9, Request(COMMIT, "q5", b"", b"{}", generation=2)),  # for another worker
         ],
     )
-    assert replies == [(i, None) for i in range(1, 8)]
-    assert sorted(os.listdir(tmp_path / "messages")) == ["q1", "q1.json"]
-    assert (tmp_path / "messages" / "q1").read_bytes() == b"first second"
-    assert (tmp_path / "messages" / "q1.json").read_bytes() == b'{"updated": true}'
+    assert replies[:7] == [(i, None) for i in range(1, 8)]
+    assert replies[7][0] == 8 and replies[7][1][0] == errno.EIO and "5 octets stored of the 6" in replies[7][1][1]
+    assert replies[8][0] == 9 and replies[8][1][0] == errno.EIO and "replaced" in replies[8][1][1]
+    assert sorted(os.listdir(tmp_path / "messages")) == ["q1", "q1.state"]
+    raw = (tmp_path / "messages" / "q1").read_bytes()
+    assert raw.startswith(b"first second" + envelope)
+    assert fsworker.readMessage(tmp_path / "messages" / "q1", "q1") == (12, envelope)
+    assert fsworker.readJournal(tmp_path / "messages" / "q1.state") == (b'{"updated": true}', True)
+    assert (tmp_path / "messages" / "q1").stat().st_mtime_ns == 7_000_000_000
     assert os.listdir(tmp_path / "incoming") == []
 
 
-def test_serve_reports_errors_per_request(tmp_path):
-    (tmp_path / "incoming").mkdir()
-    (tmp_path / "incoming" / "bad").symlink_to("/dev/full")
+def test_serve_reports_errors_per_request(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        fsworker,
+        "create",
+        lambda path: (
+            os.open("/dev/full", os.O_WRONLY)
+            if "bad" in str(path)
+            else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        ),
+    )
     replies = served(
         tmp_path,
         [
-            (1, (APPEND, "bad", b"x" * 100_000, b"")),
-            (2, (COMMIT, "bad", b"", b"{}")),
-            (3, (COMMIT, "good", b"data", b"{}")),
+            (1, Request(APPEND, "bad", b"x" * 100_000)),
+            (2, Request(COMMIT, "bad", b"", b"{}", size=100_000)),
+            (3, Request(COMMIT, "good", b"data", b"{}", size=4)),
         ],
     )
     assert replies[0][0] == 1 and replies[0][1][0] == errno.ENOSPC
     assert replies[1][0] == 2 and replies[1][1][0] == errno.ENOSPC  # the commit fails with the append's error
     assert replies[2] == (3, None)
-    assert sorted(os.listdir(tmp_path / "messages")) == ["good", "good.json"]
+    assert sorted(os.listdir(tmp_path / "messages")) == ["good"]
     assert os.listdir(tmp_path / "incoming") == []
+
+
+def test_fsyncs_of_a_batch_run_in_parallel(tmp_path, monkeypatch):
+    """The files of one batch are fsynced by several threads at once, then the directory once."""
+    (tmp_path / "incoming").mkdir()
+    (tmp_path / "messages").mkdir()
+    files = QueueFiles(tmp_path, threads=4)
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def slowSync(fd):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+
+    monkeypatch.setattr(fsworker, "fsyncFile", slowSync)
+    started = time.monotonic()
+    errors = files.run([Request(COMMIT, f"q{i}", b"data", b"{}", size=4) for i in range(8)])
+    files.close()
+    assert errors == [None] * 8
+    assert most[0] == 4
+    assert time.monotonic() - started < 8 * 0.05
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_worker_exits_when_its_parent_dies(tmp_path):
+    """
+    Its stdin stays open (another process holds the pipe), so only the
+    parent's death tells it: PR_SET_PDEATHSIG, or the getppid() check.
+    """
+    (tmp_path / "incoming").mkdir()
+    (tmp_path / "messages").mkdir()
+    stdinRead, stdinWrite = os.pipe()
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import os, subprocess, sys, time
+                worker = subprocess.Popen(
+                    [sys.executable, "-m", "relay.queue.fsworker", {str(tmp_path)!r}, "1", str(os.getpid())],
+                    stdin={stdinRead}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=({stdinRead},),
+                )
+                print(worker.pid, flush=True)
+                time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        pass_fds=(stdinRead,),
+    )
+    try:
+        worker = int(parent.stdout.readline())
+        time.sleep(0.5)  # let it start serving
+        assert alive(worker)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not alive(worker)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(timeout=10)
+        parent.stdout.close()
+        os.close(stdinRead)
+        os.close(stdinWrite)
+
+
+# -- the real worker process killed under a store -------------------------------------------
+
+DRIVER = textwrap.dedent(
+    """
+    import json, os, random, signal, sys
+    from pathlib import Path
+
+    from twisted.internet import defer, task
+    from twisted.internet.threads import deferToThread
+
+    from relay.queue.filesystem import SPILL, FilesystemQueueStore, ProcessEngine
+    from relay.testing.queuestore import envelopeFor
+
+    async def until(reactor, predicate, timeout=20.0):
+        for _ in range(int(timeout / 0.01)):
+            if predicate():
+                return
+            await task.deferLater(reactor, 0.01, lambda: None)
+        raise AssertionError("timed out")
+
+    async def main(reactor, path, mode):
+        store = FilesystemQueueStore(Path(path), lambda f, *a: deferToThread(f, *a), reactor)
+        engine = store.engine = ProcessEngine(reactor, store.path)
+        engine.restartDelay = 0.1
+        await until(reactor, lambda: engine.transport is not None)
+        outcome = {}
+        if mode == "spill":
+            incoming = store.begin()
+            incoming.write(b"a" * SPILL)
+            spilled = store.incomingPath / incoming.queue_id
+            await until(reactor, lambda: spilled.exists() and spilled.stat().st_size == SPILL)
+            os.kill(engine.transport.pid, signal.SIGKILL)
+            await until(reactor, lambda: engine.generation == 2 and engine.transport is not None)
+            incoming.write(b"b" * 10)
+            try:
+                await incoming.commit(envelopeFor(incoming.queue_id))
+                outcome["commit"] = "ok"
+            except OSError as e:
+                outcome["commit"] = str(e)
+        else:
+            rng = random.Random(int(mode))
+            commits = {}
+            for i in range(200):
+                incoming = store.begin()
+                incoming.write(b"message %d\\r\\n" % i)
+                commits[incoming.queue_id] = incoming.commit(envelopeFor(incoming.queue_id))
+                if i == 100 + rng.randrange(50):
+                    # Blocking the reactor: whatever the worker answers now is not read before it dies.
+                    for _ in range(500_000):
+                        if os.listdir(store.messagesPath):
+                            break
+                    os.kill(engine.transport.pid, signal.SIGKILL)
+            results = {}
+            for queueID, d in commits.items():
+                try:
+                    await d
+                    results[queueID] = "ok"
+                except OSError as e:
+                    results[queueID] = str(e)
+            outcome["committed"] = sorted(q for q, r in results.items() if r == "ok")
+            outcome["failed"] = len(results) - len(outcome["committed"])
+        await until(reactor, lambda: engine.transport is not None)
+        await store.stop()
+        outcome["messages"] = sorted(os.listdir(store.messagesPath))
+        outcome["incoming"] = sorted(os.listdir(store.incomingPath))
+        print(json.dumps(outcome))
+
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor, sys.argv[1], sys.argv[2])))
+    """
+)
+
+
+def drive(tmp_path: Path, mode: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(tmp_path / "queue"), mode], capture_output=True, timeout=120, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_real_worker_killed_between_spills(tmp_path):
+    outcome = drive(tmp_path, "spill")
+    assert "replaced" in outcome["commit"]
+    assert outcome["messages"] == [] and outcome["incoming"] == []
+
+
+def test_real_worker_killed_among_commits_leaves_exactly_the_answered_ones(tmp_path):
+    """
+    Commits the dead worker did not answer fail (the client will send them
+    again), and none of them is left in messages/ to be delivered as well;
+    every commit that succeeded is there.
+    """
+    failed = 0
+    for seed in range(3):
+        outcome = drive(tmp_path / str(seed), str(seed))
+        assert outcome["messages"] == outcome["committed"]
+        assert outcome["incoming"] == []
+        failed += outcome["failed"]
+    assert failed > 0  # the kills did land among commits

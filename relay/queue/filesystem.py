@@ -1,23 +1,27 @@
 """
-The default queue store: one data file and one JSON envelope per message.
+The default queue store: one file per message, written once, never reused.
 
 Layout under the store's directory::
 
-    incoming/<qid>          data of a message still being received
-    incoming/<qid>.json     its envelope, written during commit
-    messages/<qid>          committed data
-    messages/<qid>.json     committed envelope: its presence is the commit point
-    spare/<n>               files of removed messages and replaced envelopes,
-                            reused for new ones (see L{relay.queue.fsworker})
+    lock                    flock()ed by the relay using the queue; holds its pid
+    incoming/<qid>          a message being received (spilled data), or being
+                            committed
+    messages/<qid>          a committed message: data, envelope JSON, footer
+    messages/<qid>.state    journal of its recipients' states (after updates)
+    messages/<qid>.damaged  a message that did not check out, set aside
 
-With C{sync = fsync}, a message is renamed into C{messages/} data first,
-envelope second, so a crash can leave data without an envelope (discarded at
-recovery: the client was never told 250) but never an envelope that was
-acknowledged without its data; every file is durable before it is renamed,
-and the renames are durable before the 250 goes out.  With C{sync = syncfs},
-both files are written in place and one file system sync makes the batch
-durable; the envelope carries C{data_size}, so recovery deletes a commit that
-a crash cut short (an empty envelope, or shorter data), never acknowledged.
+A commit appends the envelope and a footer (queue id, lengths, CRC32) to the
+message's new file in C{incoming/}, fsyncs it, renames it into C{messages/}
+and fsyncs that directory: only then is the commit done and the 250 sent.
+Nothing relies on a file system's ordering or on C{syncfs}; no inode ever
+holds two messages, and a file whose footer does not name its queue id and
+match its content is never delivered (see L{relay.queue.fsworker}).
+
+An update appends a record to the message's journal and fsyncs it; the data
+is never rewritten.  The message's due time is kept as the mtime of its data
+file, a hint that lets L{FilesystemQueueStore.scan} order a queue of any size
+without reading it; the journal holds the truth, and the hint is kept so that
+losing it makes a message due early, never late.
 
 Group commit: the file work is done by L{relay.queue.fsworker}, in a child
 process in production (L{ProcessEngine}), one batch at a time.  Commits,
@@ -31,13 +35,18 @@ its incoming file, by the worker.
 from __future__ import annotations
 
 import errno
+import fcntl
+import io
 import itertools
 import json
+import math
 import os
 import random
 import re
+import shutil
 import sys
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -48,15 +57,28 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.envelope import Envelope
-from relay.fsutil import writeNow
+from relay.envelope import Envelope, QueueScan, RecipientState, Status
+from relay.fsutil import fsyncDirectory, makeDirectories, writeNow
 from relay.interfaces import IIncomingMessage, IQueueStore
 from relay.queue import fsworker
-from relay.queue.fsworker import APPEND, COMMIT, DISCARD, REMOVE, SYNC_MODES, UPDATE, QueueFiles, Request
+from relay.queue.fsworker import APPEND, COMMIT, COMPACT, DISCARD, REMOVE, UPDATE, Damaged, QueueFiles, Request
+from relay.queue.memory import dueTime
 
-__all__ = ["SYNC_MODES", "FilesystemQueueStore", "ProcessEngine", "ThreadEngine", "QUEUE_ID", "SPILL"]
+__all__ = [
+    "FilesystemQueueStore",
+    "ProcessEngine",
+    "ThreadEngine",
+    "QueueInUse",
+    "WorkerLost",
+    "QUEUE_ID",
+    "SPILL",
+    "SYNC_MODES",
+]
 
-QUEUE_ID = re.compile(r"^[0-9A-Za-z]+$")
+QUEUE_ID = re.compile(r"^[0-9A-Za-z]{1,32}$")
+
+SYNC_MODES = ("fsync",)
+"""The values C{[queue] sync} accepts: there is one way to be durable."""
 
 SPILL = 256 * 1024
 """Bytes of a message held in memory before they are appended to its incoming
@@ -70,19 +92,67 @@ costs the relay this much memory, not the whole message."""
 
 _OPEN, _COMMITTING, _COMMITTED, _FAILED, _ABORTED = range(5)
 
-
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
+_MUTABLE = ("state", "attempts", "next_attempt", "last_status", "backend")
 
-def _encode(envelope: Envelope, dataSize: int | None = None) -> bytes:
+
+class QueueInUse(OSError):
+    """Another relay holds the queue's lock."""
+
+
+class WorkerLost(OSError):
+    """The queue worker died before it answered: the request may or may not have been carried out."""
+
+
+def _encode(envelope: Envelope) -> bytes:
     # Serialised in the caller's thread: the scheduler keeps mutating the
     # envelope after update() returns, the worker must see a snapshot.
-    fields = envelope.toJSON()
-    if dataSize is not None:
-        # Recovery compares it with the data file: a shorter file is a commit
-        # a crash interrupted before its sync, never acknowledged.
-        fields["data_size"] = dataSize
-    return _JSON.encode(fields).encode()
+    return _JSON.encode(envelope.toJSON()).encode()
+
+
+def _encodeState(envelope: Envelope) -> bytes:
+    """The mutable state of a message: one journal record's JSON."""
+    recipients = []
+    for recipient in envelope.recipients:
+        fields = recipient.toJSON()
+        recipients.append({key: fields[key] for key in _MUTABLE})
+    return _JSON.encode({"queue_id": envelope.queue_id, "recipients": recipients, "extra": envelope.extra}).encode()
+
+
+def _applyState(envelope: Envelope, payload: bytes) -> None:
+    """Bring a committed envelope to the state of a journal record; L{Damaged} if it does not fit."""
+    try:
+        fields = json.loads(payload)
+        if fields["queue_id"] != envelope.queue_id:
+            raise Damaged(f"journal names queue id {fields['queue_id']!r}")
+        states = fields["recipients"]
+        if len(states) != len(envelope.recipients):
+            raise Damaged(f"journal has {len(states)} recipients, the envelope {len(envelope.recipients)}")
+        for recipient, state in zip(envelope.recipients, states, strict=True):
+            status = state.get("last_status")
+            recipient.state = RecipientState(state["state"])
+            recipient.attempts = int(state["attempts"])
+            recipient.next_attempt = state.get("next_attempt")
+            recipient.last_status = Status.fromJSON(status) if status else None
+            recipient.backend = state.get("backend")
+        envelope.extra = dict(fields.get("extra") or {})
+    except Damaged:
+        raise
+    except Exception as e:
+        raise Damaged(f"journal record unreadable: {e}") from None
+
+
+def _nanoseconds(when: float) -> int:
+    # Whole seconds and fraction apart: a float POSIX time has no nanosecond
+    # precision, and scaling it whole would round 20.25 to 20.2499999.
+    whole = math.floor(when)
+    return whole * 1_000_000_000 + round((when - whole) * 1_000_000_000)
+
+
+def _seconds(nanoseconds: int) -> float:
+    # The inverse of _nanoseconds: a time stored from a float comes back as that float.
+    return nanoseconds // 1_000_000_000 + (nanoseconds % 1_000_000_000) / 1e9
 
 
 def _error(error: fsworker.Error) -> OSError:
@@ -94,10 +164,11 @@ class ThreadEngine:
     """
     Runs L{QueueFiles} through C{blocking} (inline in unit tests, a thread of
     its own otherwise), one batch at a time; what arrives meanwhile waits and
-    becomes the next batch.
+    becomes the next batch.  A thread never dies: its generation is always 1.
     """
 
     log = Logger()
+    generation = 1
 
     def __init__(self, files: QueueFiles, blocking: Callable[..., Deferred[Any]]) -> None:
         self.files = files
@@ -130,6 +201,7 @@ class ThreadEngine:
                 d.errback(Failure(_error(outcome[i])))
 
     def stop(self) -> None:
+        self.files.close()
         if self.files.changes:
             self.log.info("{line}", line=self.files.statistics())
 
@@ -139,21 +211,28 @@ class ProcessEngine(ProcessProtocol):
     Runs L{QueueFiles} in a child process (C{python -m relay.queue.fsworker}),
     talking over its stdin and stdout.
 
-    If the child dies, what it was doing fails (the clients get 451 and try
-    again; leftovers are sorted out by the next recovery) and a new one is
-    started a second later.
+    Each incarnation of the child has a generation, and requests that belong
+    to a message name the one that received its first chunk: a message whose
+    chunks went to a worker that has died can no longer be committed (its
+    session answers 451).  When the child dies, the commits it had not
+    answered are discarded by the next one (whatever of them reached
+    C{messages/} is unlinked and the directory synced) before they fail, so
+    that no message a client was told to send again is delivered as well.
+    Its other unanswered requests fail at once (L{WorkerLost}).  A new child
+    is started L{restartDelay} seconds later.
     """
 
     log = Logger()
     restartDelay = 1.0
     stopTimeout = 30.0
 
-    def __init__(self, reactor: Any, path: Path, sync: str) -> None:
+    def __init__(self, reactor: Any, path: Path) -> None:
         self.reactor = reactor
         self.path = path
-        self.sync = sync
+        self.generation = 1
+        self.transport: Any = None
         self._ids = itertools.count(1)
-        self._pending: dict[int, Deferred[None]] = {}
+        self._pending: dict[int, tuple[Request, Deferred[None]]] = {}
         self._outbox: list[bytes] = []
         self._decoder = fsworker.ReplyDecoder()
         self._stopping = False
@@ -161,12 +240,15 @@ class ProcessEngine(ProcessProtocol):
         self._stderr = b""
         reactor.callWhenRunning(self._spawn)
 
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "relay.queue.fsworker", str(self.path), str(self.generation), str(os.getpid())]
+
     def _spawn(self) -> None:
         if self._stopping:
             return
         self._decoder = fsworker.ReplyDecoder()
-        argv = [sys.executable, "-m", "relay.queue.fsworker", str(self.path), self.sync]
-        self.reactor.spawnProcess(self, sys.executable, argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"})
+        argv = self.argv()
+        self.reactor.spawnProcess(self, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"})
 
     def connectionMade(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -176,7 +258,7 @@ class ProcessEngine(ProcessProtocol):
     def submit(self, request: Request) -> Deferred[None]:
         requestID = next(self._ids)
         d: Deferred[None] = Deferred()
-        self._pending[requestID] = d
+        self._pending[requestID] = (request, d)
         frame = fsworker.encodeRequest(requestID, request)
         if self.transport is not None and not self._stopping:
             self._write(frame)
@@ -195,13 +277,13 @@ class ProcessEngine(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         for requestID, error in self._decoder.feed(data):
-            d = self._pending.pop(requestID, None)
-            if d is None:
+            entry = self._pending.pop(requestID, None)
+            if entry is None:
                 continue
             if error is None:
-                d.callback(None)
+                entry[1].callback(None)
             else:
-                d.errback(Failure(_error(error)))
+                entry[1].errback(Failure(_error(error)))
 
     def errReceived(self, data: bytes) -> None:
         self._stderr += data
@@ -213,15 +295,33 @@ class ProcessEngine(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         self.transport = None
         pending, self._pending = self._pending, {}
-        for d in pending.values():
-            d.errback(Failure(OSError(errno.EIO, f"queue worker exited: {reason.getErrorMessage()}")))
+        self.generation += 1
+        why = f"queue worker exited: {reason.getErrorMessage()}"
         if self._stopping:
+            for _, d in pending.values():
+                d.errback(Failure(WorkerLost(errno.EIO, why)))
             ended, self._ended = self._ended, []
             for d in ended:
                 d.callback(None)
             return
+        discards = 0
+        for request, d in pending.values():
+            if request.opcode in (COMMIT, DISCARD):
+                # Whatever the dead worker did of it is undone before anyone hears of it.
+                discards += 1
+                done = self.submit(Request(DISCARD, request.queueID))
+                if request.opcode == COMMIT:
+                    done.addBoth(lambda _, d=d: d.errback(Failure(WorkerLost(errno.EIO, why))))
+                else:
+                    done.chainDeferred(d)
+            else:
+                d.errback(Failure(WorkerLost(errno.EIO, why)))
         if not reason.check(ProcessDone) or pending:
-            self.log.error("queue worker exited ({reason}); starting another", reason=reason.getErrorMessage())
+            self.log.error(
+                "queue worker exited ({reason}); starting another, which first discards {count} unfinished commits",
+                reason=reason.getErrorMessage(),
+                count=discards,
+            )
         self.reactor.callLater(self.restartDelay, self._spawn)
 
     def stop(self) -> Deferred[None]:
@@ -249,7 +349,8 @@ class FilesystemIncoming:
 
     Data is buffered in memory up to L{SPILL} bytes, then handed to the
     worker to append.  A write error of the worker is raised by the next
-    L{write} and fails L{commit}.
+    L{write} and fails L{commit}; so does the death of the worker that took
+    its first chunk (its generation is recorded then).
     """
 
     log = Logger()
@@ -260,7 +361,7 @@ class FilesystemIncoming:
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._size = 0
-        self._spilled = False
+        self._generation = 0
         self._unwritten = 0
         self._caughtUp: Deferred[None] | None = None
         self._error: Failure | None = None
@@ -279,12 +380,17 @@ class FilesystemIncoming:
             self._error.raiseException()
 
     def _spill(self) -> None:
+        engine = self._store.engine
         chunk = b"".join(self._chunks)
         self._chunks, self._buffered = [], 0
-        self._spilled = True
+        if not self._generation:
+            self._generation = engine.generation
+        elif self._generation != engine.generation:
+            self._error = Failure(WorkerLost(errno.EIO, "the queue worker was replaced during this message"))
+            return
         # Requests are carried out in order: no need to wait for this one.
         self._unwritten += len(chunk)
-        d = self._store.engine.submit((APPEND, self.queue_id, chunk, b""))
+        d = engine.submit(Request(APPEND, self.queue_id, chunk, generation=self._generation))
         d.addCallbacks(self._appended, self._spillFailed, callbackArgs=(len(chunk),))
 
     def _appended(self, _: object, size: int) -> None:
@@ -321,8 +427,14 @@ class FilesystemIncoming:
             self.abort()
             return fail(ValueError(f"envelope of {envelope.queue_id} given to message {self.queue_id}"))
         self._state = _COMMITTING
+        if self._error is not None:
+            failure, self._state = self._error, _FAILED
+            self._discard()
+            self._store._ours.discard(self.queue_id)
+            return fail(failure)
         try:
-            payload = _encode(envelope, self._size)
+            payload = _encode(envelope)
+            due = _nanoseconds(dueTime(envelope))
         except Exception:
             self._state = _FAILED
             failure = Failure()
@@ -330,8 +442,20 @@ class FilesystemIncoming:
             return fail(failure)
         tail = b"".join(self._chunks)
         self._chunks, self._buffered = [], 0
-        # The worker fails the commit itself if an earlier append failed.
-        d = self._store.engine.submit((COMMIT, self.queue_id, tail, payload))
+        engine = self._store.engine
+        # The worker fails the commit itself if an earlier append failed, if
+        # the data it holds is not all the session sent, or if it is not the
+        # worker that took the first chunk.
+        request = Request(
+            COMMIT,
+            self.queue_id,
+            tail,
+            payload,
+            generation=self._generation or engine.generation,
+            size=self._size,
+            due=due,
+        )
+        d = engine.submit(request)
         d.addCallbacks(self._committed, self._failed)
         return d
 
@@ -345,14 +469,14 @@ class FilesystemIncoming:
         return failure
 
     def _discard(self) -> None:
-        if not self._spilled:
+        if not self._generation:
             return  # nothing reached the disk
 
         def discardFailed(failure: Failure) -> None:
             # Recovery empties incoming/ at the next start.
             self.log.failure("could not remove aborted message {queue_id}", failure, queue_id=self.queue_id)
 
-        self._store.engine.submit((DISCARD, self.queue_id, b"", b"")).addErrback(discardFailed)
+        self._store.engine.submit(Request(DISCARD, self.queue_id)).addErrback(discardFailed)
 
     def abort(self) -> None:
         # After a commit (in flight, done or failed) there is nothing partial left
@@ -366,28 +490,60 @@ class FilesystemIncoming:
         self._discard()
 
 
+class _DataReader(io.RawIOBase):
+    """The first C{length} octets of a message file: its data, without envelope and footer."""
+
+    def __init__(self, fd: int, length: int) -> None:
+        super().__init__()
+        self._fd, self._length, self._position = fd, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        wanted = min(len(view), self._length - self._position)
+        if wanted <= 0:
+            return 0
+        count = os.preadv(self._fd, [view[:wanted]], self._position)
+        self._position += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        if base + offset < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
 @implementer(IQueueStore)
 class FilesystemQueueStore:
     """
     See the module docstring for the layout and the commit protocol.
 
-    @param blocking: runs recovery (and, without an C{engine}, the file work)
-        off the reactor thread.
+    @param blocking: runs recovery, scans and loads (and, without an
+        C{engine}, the file work) off the reactor thread.
     @param engine: what carries out the file work; by default a
         L{ThreadEngine} over C{blocking}.
+    @raise QueueInUse: another relay holds the queue's lock.
+    @raise OSError: the queue directory cannot be created or locked.
     """
 
     log = Logger()
 
-    def __init__(
-        self,
-        path: Path,
-        blocking: Callable[..., Deferred[Any]],
-        clock: Any,
-        sync: str = SYNC_MODES[0],
-        engine: Any = None,
-    ) -> None:
-        self.sync = sync
+    def __init__(self, path: Path, blocking: Callable[..., Deferred[Any]], clock: Any, engine: Any = None) -> None:
         self.path = Path(path)
         self.incomingPath = self.path / "incoming"
         self.messagesPath = self.path / "messages"
@@ -398,10 +554,49 @@ class FilesystemQueueStore:
         # Messages of this process, received or not yet removed: recovery runs
         # while the listeners already accept, and must leave them alone.
         self._ours: set[str] = set()
-        for directory in (self.path, self.incomingPath, self.messagesPath):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        files = QueueFiles(self.path, sync)  # checks sync
-        self.engine = engine if engine is not None else ThreadEngine(files, lambda *a: self._blocking(*a))
+        # Messages whose journal may end in a torn record: rewritten at their next update.
+        self._compact: set[str] = set()
+        makeDirectories(self.path)
+        self._lockFd: int | None = self._lock()
+        try:
+            for directory in (self.incomingPath, self.messagesPath):
+                makeDirectories(directory)
+        except BaseException:
+            self._unlock()
+            raise
+        self.engine = (
+            engine if engine is not None else ThreadEngine(QueueFiles(self.path), lambda *a: self._blocking(*a))
+        )
+
+    # -- the lock --------------------------------------------------------
+
+    def _lock(self) -> int:
+        """
+        Take the queue: two relays delivering from one queue would send
+        everything twice.  The descriptor is close-on-exec, so the worker
+        does not hold the lock after the relay has gone.
+        """
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise QueueInUse(errno.EAGAIN, f"queue {self.path} is in use by another relay (pid {holder})") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._writePid(fd)
+        return fd
+
+    @staticmethod
+    def _writePid(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _unlock(self) -> None:
+        fd, self._lockFd = self._lockFd, None
+        fsworker.closeQuietly(fd)
 
     # -- queue ids -------------------------------------------------------
 
@@ -430,36 +625,169 @@ class FilesystemQueueStore:
         return incoming
 
     def openData(self, queueID: str) -> BinaryIO:
-        return open(self.messagesPath / self._checked(queueID), "rb")
+        fd = os.open(self.messagesPath / self._checked(queueID), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            dataLength, _, _ = fsworker.readFooter(fd, queueID)
+        except Damaged as e:
+            os.close(fd)
+            raise OSError(errno.EIO, f"message {queueID} is damaged: {e}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return io.BufferedReader(_DataReader(fd, dataLength), 64 * 1024)  # type: ignore[return-value]
 
     def update(self, envelope: Envelope) -> Deferred[None]:
         try:
-            request = (UPDATE, self._checked(envelope.queue_id), b"", _encode(envelope))
+            queueID = self._checked(envelope.queue_id)
+            request = Request(
+                UPDATE,
+                queueID,
+                payload=_encodeState(envelope),
+                due=_nanoseconds(dueTime(envelope)),
+                flags=COMPACT if queueID in self._compact else 0,
+            )
         except Exception:
             return fail()
-        return self.engine.submit(request)
+
+        def failed(failure: Failure) -> Failure:
+            # The old state stands, but the journal may end in a torn record
+            # (a worker killed while writing it): the next update rewrites it.
+            self._compact.add(queueID)
+            return failure
+
+        def done(_: object) -> None:
+            if request.flags & COMPACT:
+                self._compact.discard(queueID)
+
+        return self.engine.submit(request).addCallbacks(done, failed)
 
     def remove(self, queueID: str) -> Deferred[None]:
         try:
-            request = (REMOVE, self._checked(queueID), b"", b"")
+            request = Request(REMOVE, self._checked(queueID))
         except ValueError:
             return fail()
         self._ours.discard(queueID)
+        self._compact.discard(queueID)
         return self.engine.submit(request)
 
-    def recover(self) -> Deferred[list[Envelope]]:
-        d = self._blocking(self._scan)
-        d.addCallback(self._recovered)
+    def recover(self) -> Deferred[int]:
+        d = self._blocking(self._recover)
+        d.addCallback(self._logged)
         return d
 
-    def stop(self) -> Deferred[None] | None:
-        return self.engine.stop()
+    def scan(self, before: float, limit: int, exclude: Collection[str]) -> Deferred[QueueScan]:
+        return self._blocking(self._scan, before, limit, exclude)
+
+    def load(self, queueID: str) -> Deferred[Envelope]:
+        try:
+            self._checked(queueID)
+        except ValueError:
+            return fail()
+        return self._blocking(self._load, queueID).addCallback(self._loaded, queueID)
+
+    def stop(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        try:
+            stopped = self.engine.stop()
+            if isinstance(stopped, Deferred):
+                await stopped
+        finally:
+            self._unlock()
+
+    # -- scan and load (in a worker thread) --------------------------------
+
+    def _scan(self, before: float, limit: int, exclude: Collection[str]) -> QueueScan:
+        """
+        Every committed message's due time from its mtime: one C{stat} each,
+        nothing read; memory bounded by C{limit} whatever the queue's size.
+        """
+        total = 0
+        later: int | None = None
+        cutoff = _nanoseconds(before)
+        kept: list[tuple[int, str]] = []
+
+        def trim() -> None:
+            nonlocal later
+            kept.sort()
+            if len(kept) > limit:
+                first = kept[max(limit, 0)][0]
+                later = first if later is None else min(later, first)
+                del kept[max(limit, 0) :]
+
+        with os.scandir(self.messagesPath) as entries:
+            for entry in entries:
+                name = entry.name
+                if not QUEUE_ID.match(name):
+                    continue
+                try:
+                    due = entry.stat().st_mtime_ns
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                total += 1
+                if name in exclude:
+                    continue
+                if due > cutoff:
+                    later = due if later is None or due < later else later
+                    continue
+                kept.append((due, name))
+                if len(kept) > 2 * limit + 1024:
+                    trim()
+        trim()
+        return QueueScan(
+            [(_seconds(due), name) for due, name in kept], total, None if later is None else _seconds(later)
+        )
+
+    def _load(self, queueID: str) -> tuple[Envelope, bool] | Damaged:
+        """The envelope with its journal's state, and whether the journal was clean; or what is wrong."""
+        path = self.messagesPath / queueID
+        try:
+            _, raw = fsworker.readMessage(path, queueID)
+            envelope = Envelope.fromJSON(json.loads(raw))
+            if envelope.queue_id != queueID:
+                raise Damaged(f"envelope names queue id {envelope.queue_id!r}")
+            payload, clean = fsworker.readJournal(self.messagesPath / fsworker.stateName(queueID))
+            if payload is not None:
+                _applyState(envelope, payload)
+        except FileNotFoundError:
+            raise
+        except (Damaged, ValueError, KeyError, TypeError) as e:
+            error = e if isinstance(e, Damaged) else Damaged(f"envelope unreadable: {e}")
+            self._setAside(queueID)
+            return error
+        return envelope, clean
+
+    def _setAside(self, queueID: str) -> None:
+        for name in (queueID, fsworker.stateName(queueID)):
+            try:
+                os.rename(self.messagesPath / name, self.messagesPath / (name + ".damaged"))
+            except FileNotFoundError:
+                pass
+            except OSError:
+                pass  # set aside at the next load, then
+
+    def _loaded(self, outcome: tuple[Envelope, bool] | Damaged, queueID: str) -> Envelope:
+        if isinstance(outcome, Damaged):
+            self.log.error(
+                "queued message {queue_id} is damaged ({error}): set aside as {name}, not delivered",
+                queue_id=queueID,
+                error=str(outcome),
+                name=f"messages/{queueID}.damaged",
+            )
+            raise outcome
+        envelope, clean = outcome
+        if not clean:
+            # A record an update could not finish: its next update rewrites the journal.
+            self._compact.add(queueID)
+        return envelope
 
     # -- recovery (in a worker thread) -------------------------------------
 
-    def _scan(self) -> tuple[list[Envelope], list[tuple[str, dict[str, Any]]]]:
+    def _recover(self) -> tuple[int, list[tuple[str, dict[str, Any]]]]:
         """
-        Sort out what a previous run left behind.
+        Sort out what a previous run left behind, without reading the
+        messages: names alone (and, once, the files of an older version).
 
         Log lines are returned rather than emitted: this runs in a worker
         thread, and the caller logs from the reactor thread.  Files of
@@ -467,12 +795,19 @@ class FilesystemQueueStore:
         left alone, whatever state they are in.
         """
         notes: list[tuple[str, dict[str, Any]]] = []
+        if self._lockFd is not None:
+            self._writePid(self._lockFd)  # after twistd has daemonised: the pid that runs
+        for directory in (self.incomingPath, self.messagesPath):
+            makeDirectories(directory)
+        # A queue made by an older version may never have been made durable.
+        fsyncDirectory(self.path.parent)
+        fsyncDirectory(self.path)
+        probe = self.incomingPath / f"probe.{os.getpid()}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+        os.unlink(probe)
 
         def ours(name: str) -> bool:
             return name.split(".", 1)[0] in self._ours
-
-        for directory in (self.path, self.incomingPath, self.messagesPath):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
         discarded = 0
         for entry in os.scandir(self.incomingPath):
@@ -486,78 +821,158 @@ class FilesystemQueueStore:
         if discarded:
             notes.append(("discarded {count} uncommitted files from incoming/", {"count": discarded}))
 
+        spare = self.path / "spare"
+        old = spare.is_dir()
+        if old:
+            shutil.rmtree(spare)
+            notes.append(("removed spare/ (recycled files of an older version)", {}))
+
         names = {name for name in os.listdir(self.messagesPath) if not ours(name)}
-        envelopes: list[Envelope] = []
+        changed = False
+        if old or any(name.endswith(".json") for name in names):
+            changed = self._convert(names, notes) or changed
+        damaged = 0
         for name in sorted(names):
-            if name.endswith(".json.new"):
-                fsworker.unlinkQuietly(self.messagesPath / name)
+            queueID, dot, suffix = name.partition(".")
+            if not dot:
                 continue
+            if suffix in ("state", "state.new") and queueID not in names:
+                # The journal of a removed message (or of a rewrite that did not finish).
+                fsworker.unlinkQuietly(self.messagesPath / name)
+                changed = True
+            elif suffix == "state.new":
+                fsworker.unlinkQuietly(self.messagesPath / name)
+            elif suffix == "damaged":
+                damaged += 1
+        if damaged:
+            notes.append(
+                ("{count} damaged messages are set aside in messages/ (*.damaged) for an operator", {"count": damaged})
+            )
+        if changed:
+            fsyncDirectory(self.messagesPath)
+        count = sum(1 for name in os.listdir(self.messagesPath) if QUEUE_ID.match(name))
+        return count, notes
+
+    def _convert(self, names: set[str], notes: list[tuple[str, dict[str, Any]]]) -> bool:
+        """
+        Bring messages of the previous format (C{<qid>} data and C{<qid>.json}
+        envelope) to this one, durably, before their old files go: an upgrade
+        loses nothing.  C{True} if C{messages/} changed.
+        """
+        changed = False
+        converted = 0
+        for name in sorted(names):
             if not name.endswith(".json"):
+                if name.endswith(".json.new"):
+                    fsworker.unlinkQuietly(self.messagesPath / name)
+                    names.discard(name)
+                    changed = True
                 continue
             queueID = name[: -len(".json")]
             if not QUEUE_ID.match(queueID):
                 continue
-            envelopeFile = self.messagesPath / name
+            envelopeFile, dataFile = self.messagesPath / name, self.messagesPath / queueID
             if queueID not in names:
                 fsworker.unlinkQuietly(envelopeFile)
+                names.discard(name)
+                changed = True
                 notes.append(
-                    (
-                        "envelope {queue_id} has no data file: message lost, envelope deleted",
-                        {"queue_id": queueID},
-                    )
+                    ("envelope {queue_id} has no data file: message lost, envelope deleted", {"queue_id": queueID})
                 )
                 continue
+            if self._isCurrent(dataFile, queueID):
+                # Converted already; the old envelope's removal was not yet durable.
+                fsworker.unlinkQuietly(envelopeFile)
+                names.discard(name)
+                changed = True
+                continue
             try:
-                raw = envelopeFile.read_bytes()
-                if not raw:
-                    # Created, never written: a commit a crash cut short before its
-                    # sync, so never acknowledged (C{sync = syncfs} writes in place).
-                    self._discardInterrupted(queueID, names, notes)
-                    continue
-                fields = json.loads(raw)
+                fields = json.loads(envelopeFile.read_bytes())
+                dataSize = fields.pop("data_size", None)
                 envelope = Envelope.fromJSON(fields)
                 if envelope.queue_id != queueID:
                     raise ValueError(f"envelope names queue id {envelope.queue_id!r}")
             except Exception as e:
-                # Never fatal and never silent: an operator may be able to repair it.
-                names.add(self._setAside(envelopeFile, e, notes))
+                corrupt = envelopeFile.with_name(name + ".corrupt")
+                os.rename(envelopeFile, corrupt)
+                names.discard(name)
+                names.add(corrupt.name)  # its data stays beside it
+                notes.append(
+                    (
+                        "envelope {name} (older format) is unreadable ({error}); kept as {corrupt} with its data",
+                        {"name": name, "error": str(e) or type(e).__name__, "corrupt": corrupt.name},
+                    )
+                )
                 continue
-            dataSize = fields.get("data_size")
-            if dataSize is not None and os.stat(self.messagesPath / queueID).st_size != dataSize:
-                self._discardInterrupted(queueID, names, notes)
+            if dataSize is not None and os.stat(dataFile).st_size != dataSize:
+                for path in (envelopeFile, dataFile):
+                    fsworker.unlinkQuietly(path)
+                names.difference_update((name, queueID))
+                changed = True
+                notes.append(("{queue_id} was being committed (never acknowledged); deleted", {"queue_id": queueID}))
                 continue
-            envelopes.append(envelope)
-
+            self._rewrite(dataFile, envelope)
+            fsworker.unlinkQuietly(envelopeFile)
+            names.discard(name)
+            changed = True
+            converted += 1
         for name in sorted(names):
-            if not QUEUE_ID.match(name):
-                continue
-            if name + ".json" in names or name + ".json.corrupt" in names:
-                continue
-            if fsworker.unlinkQuietly(self.messagesPath / name):
+            if (
+                QUEUE_ID.match(name)
+                and name + ".json.corrupt" not in names
+                and not self._isCurrent(self.messagesPath / name, name)
+            ):
+                # Data without an envelope, in the older format: a commit that was interrupted.
+                fsworker.unlinkQuietly(self.messagesPath / name)
+                names.discard(name)
+                changed = True
                 notes.append(("data file {queue_id} has no envelope (commit interrupted); deleted", {"queue_id": name}))
-        return envelopes, notes
+        if converted:
+            notes.append(("converted {count} messages from the older queue format", {"count": converted}))
+        return changed
 
-    def _discardInterrupted(self, queueID: str, names: set[str], notes: list[tuple[str, dict[str, Any]]]) -> None:
-        fsworker.unlinkQuietly(self.messagesPath / (queueID + ".json"))
-        fsworker.unlinkQuietly(self.messagesPath / queueID)
-        names.discard(queueID)
-        notes.append(("{queue_id} was being committed (never acknowledged); deleted", {"queue_id": queueID}))
-
-    def _setAside(self, envelopeFile: Path, error: Exception, notes: list[tuple[str, dict[str, Any]]]) -> str:
-        """Rename an unreadable envelope to C{.corrupt}; its data file is kept beside it."""
-        corrupt = envelopeFile.name + ".corrupt"
-        fields = {"name": envelopeFile.name, "error": str(error) or type(error).__name__, "corrupt": corrupt}
+    def _isCurrent(self, path: Path, queueID: str) -> bool:
         try:
-            os.rename(envelopeFile, envelopeFile.with_name(corrupt))
-        except OSError as e:
-            fields["renameError"] = str(e)
-            notes.append(("envelope {name} is unreadable ({error}) and could not be renamed: {renameError}", fields))
-            return envelopeFile.name
-        notes.append(("envelope {name} is unreadable ({error}); kept as {corrupt}", fields))
-        return corrupt
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fsworker.readFooter(fd, queueID)
+        except Damaged:
+            return False
+        finally:
+            os.close(fd)
+        return True
 
-    def _recovered(self, scanned: tuple[list[Envelope], list[tuple[str, dict[str, Any]]]]) -> list[Envelope]:
-        envelopes, notes = scanned
+    def _rewrite(self, dataFile: Path, envelope: Envelope) -> None:
+        """Write an older-format message as a new file and rename it over its old data, durably."""
+        queueID = envelope.queue_id
+        temporary = self.incomingPath / queueID
+        fsworker.unlinkQuietly(temporary)
+        fd = fsworker.create(temporary)
+        try:
+            crc, size = 0, 0
+            with open(dataFile, "rb") as source:
+                while chunk := source.read(1 << 20):
+                    fsworker.writeAll(fd, chunk)
+                    crc = zlib.crc32(chunk, crc)
+                    size += len(chunk)
+            payload = _encode(envelope)
+            crc = zlib.crc32(payload, crc)
+            fsworker.writeAll(fd, payload + fsworker.footerFor(queueID, size, len(payload), crc))
+            due = _nanoseconds(dueTime(envelope))
+            os.utime(fd, ns=(due, due))
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            fsworker.unlinkQuietly(temporary)
+            raise
+        os.close(fd)
+        os.rename(temporary, dataFile)
+        fsyncDirectory(self.messagesPath)  # before the old envelope goes
+
+    def _logged(self, outcome: tuple[int, list[tuple[str, dict[str, Any]]]]) -> int:
+        count, notes = outcome
         for message, fields in notes:
             self.log.warn("queue recovery: " + message, **fields)
-        return envelopes
+        return count

@@ -1,24 +1,28 @@
 """
-The file work of the filesystem queue store, done in batches.
+The file work of the filesystem queue store, and its on-disk format.
 
 L{QueueFiles} carries out requests (append, commit, update, remove, discard)
-a batch at a time.  It runs either in a thread of the relay (unit tests, and
-systems without C{fork}) or, in production, in a child process of its own
-(C{python -m relay.queue.fsworker PATH SYNC}) that reads framed requests on
+a batch at a time.  It runs either in a thread of the relay (unit tests) or,
+in production, in a child process of its own (C{python -m
+relay.queue.fsworker PATH GENERATION PARENT}) that reads framed requests on
 stdin and answers on stdout.  The child has its own interpreter lock: the
-dozens of system calls of a batch never wait for the reactor thread to let go
-of the GIL, and their CPU time is spent on another core.
+system calls of a batch never wait for the reactor thread to let go of the
+GIL, and their CPU time is spent on another core.
 
 Batches form by themselves: while one is being synced, new requests pile up
-in the pipe (or the thread's queue) and all of them are the next batch.
+in the pipe (or the thread's queue) and all of them are the next batch, which
+shares one fsync of C{messages/} (group commit).
 
-Files are recycled rather than unlinked: a removed message's two files, and
-the envelope an update replaces, go to C{spare/}, and new files are written
-into spare ones and renamed into place.  Allocating and freeing inodes is the
-dearest part of a queue file's life on ext4 (without a journal, each new inode
-is checked against every recently freed one in its group), and a relay that
-delivers as fast as it accepts would otherwise allocate two and free two per
-message.
+The format, one file per message, written once and never reused::
+
+    messages/<qid>          data | envelope JSON | FOOTER
+    messages/<qid>.state    journal of the mutable state: RECORD | JSON, ...
+
+The footer names the queue id and carries a CRC32 of everything before it
+and of its own fields, so that whatever a power cut or a file system does to
+a file, the relay can never take one message's bytes for another's: a file
+that does not check out is set aside, never delivered.  Only this module
+writes these files; L{relay.queue.filesystem} reads them.
 
 This module imports nothing from Twisted, so the child starts fast.
 """
@@ -29,53 +33,69 @@ import ctypes
 import errno
 import os
 import select
+import signal
 import struct
 import sys
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
-from relay.fsutil import fsyncDirectory  # imports nothing but os
+from relay.fsutil import fsyncDirectory  # imports nothing but os and pathlib
 
 APPEND, COMMIT, UPDATE, REMOVE, DISCARD = 1, 2, 3, 4, 5
 OPCODES = (APPEND, COMMIT, UPDATE, REMOVE, DISCARD)
 
-SPARES = 2048
-"""Most spare files kept for reuse."""
-SPARE_SIZE = 64 * 1024
-"""Largest file kept as a spare: bigger ones are unlinked when removed."""
+COMPACT = 1  # UPDATE flag: rewrite the journal as a new file instead of appending
 
-Request = tuple[int, str, bytes, bytes]  # opcode, queue id, data, envelope payload
+MAGIC = b"RLYQMSG\x00"
+VERSION = 1
+FOOTER = struct.Struct("!8sHQI32sI")
+"""magic, format version, data length, envelope length, queue id (NUL
+padded), CRC32 of data, envelope and the footer's other fields."""
+
+RECORD = struct.Struct("!4sII")
+"""One journal record's header: magic, length of the JSON that follows, its CRC32."""
+RECORD_MAGIC = b"RLYS"
+
+COMPACT_AT = 8 * 1024
+"""A journal longer than this is rewritten (one record) at the next update."""
+
+SYNC_THREADS = 4
+"""Threads that fsync the files of one batch at once: a file system commits
+concurrent fsyncs of new files in one journal transaction."""
+
+MAX_QUEUE_ID = 32
+
+
+class Request(NamedTuple):
+    """
+    One request to the worker.
+
+    @ivar generation: the worker incarnation that must carry it out (0: any);
+        see L{relay.queue.filesystem.ProcessEngine}.
+    @ivar size: for a commit, the octets the session sent in all.
+    @ivar due: nanoseconds since the epoch: for a commit, the arrival; for an
+        update, the message's next due time (the mtime hint).
+    """
+
+    opcode: int
+    queueID: str
+    data: bytes = b""
+    payload: bytes = b""
+    generation: int = 0
+    size: int = 0
+    due: int = 0
+    flags: int = 0
+
+
 Error = tuple[int, str]  # errno (0: not an OSError), text
 
 
-def _syncfsFunction() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).syncfs  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-_syncfs = _syncfsFunction()
-SYNC_MODES = ("syncfs", "fsync") if _syncfs is not None else ("fsync",)
-
-
-def syncFilesystem(path: Path) -> None:
-    """
-    Make everything written to the file system that holds C{path} durable:
-    data, inodes and directory entries alike (Linux C{syncfs(2)}, which
-    reports write-back errors since Linux 5.8).
-    """
-    assert _syncfs is not None
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _syncfs(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code), str(path))
-    finally:
-        os.close(fd)
+class Damaged(ValueError):
+    """A queue file that does not check out: never delivered, set aside."""
 
 
 def fsyncFile(fd: int) -> None:
@@ -83,45 +103,8 @@ def fsyncFile(fd: int) -> None:
 
 
 def create(path: Path) -> int:
-    """A new private file: queued mail is nobody else's business."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-
-
-def _renameat2() -> Callable[[bytes, bytes], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    AT_FDCWD, RENAME_EXCHANGE = -100, 2
-
-    def exchange(first: bytes, second: bytes) -> int:
-        return function(AT_FDCWD, first, AT_FDCWD, second, RENAME_EXCHANGE)  # type: ignore[no-any-return]
-
-    return exchange
-
-
-_exchange = _renameat2()
-
-
-def exchange(first: Path, second: Path) -> bool:
-    """
-    Swap two names atomically (Linux C{renameat2(RENAME_EXCHANGE)}): C{second}
-    gets C{first}'s file and C{first} keeps the file C{second} had, so an
-    update frees no inode.  C{False} where the system or file system cannot
-    (then nothing changed).
-    """
-    global _exchange
-    if _exchange is not None:
-        if _exchange(os.fsencode(first), os.fsencode(second)) == 0:
-            return True
-        code = ctypes.get_errno()
-        if code not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise OSError(code, os.strerror(code), str(second))
-        if code == errno.ENOSYS:
-            _exchange = None
-    return False
+    """A new private file that held nothing before: queued mail is nobody else's business."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
 
 def writeAll(fd: int, data: bytes) -> None:
@@ -147,322 +130,477 @@ def unlinkQuietly(path: Path) -> bool:
     return True
 
 
+# -- the format --------------------------------------------------------------
+
+
+def footerFor(queueID: str, dataLength: int, envelopeLength: int, crc: int) -> bytes:
+    """The footer of a message whose data and envelope have CRC32 C{crc} (running, from 0)."""
+    qid = queueID.encode("ascii")
+    head = FOOTER.pack(MAGIC, VERSION, dataLength, envelopeLength, qid, 0)[:-4]
+    return head + struct.pack("!I", zlib.crc32(head, crc))
+
+
+def readFooter(fd: int, queueID: str, size: int | None = None) -> tuple[int, int, int]:
+    """
+    The data length, envelope length and CRC of the message file open at
+    C{fd}, read from its footer alone (cheap: no data read).
+
+    @raise Damaged: no footer, a footer of another version or queue id, or
+        lengths that do not add up to the file's size.
+    """
+    if size is None:
+        size = os.fstat(fd).st_size
+    if size < FOOTER.size:
+        raise Damaged(f"{size} octets, no footer (a commit cut short, or damage)")
+    raw = os.pread(fd, FOOTER.size, size - FOOTER.size)
+    if len(raw) != FOOTER.size:
+        raise Damaged("footer cannot be read whole")
+    magic, version, dataLength, envelopeLength, qid, crc = FOOTER.unpack(raw)
+    if magic != MAGIC:
+        raise Damaged("no footer (a commit cut short, or damage)")
+    if version != VERSION:
+        raise Damaged(f"unknown format version {version}")
+    if qid.rstrip(b"\x00") != queueID.encode("ascii"):
+        raise Damaged(f"footer names queue id {qid.rstrip(bytes(1)).decode('ascii', 'replace')!r}")
+    if dataLength + envelopeLength + FOOTER.size != size:
+        raise Damaged(f"footer says {dataLength} + {envelopeLength} octets, the file has {size}")
+    return dataLength, envelopeLength, crc
+
+
+def readMessage(path: Path, queueID: str, block: int = 1 << 20) -> tuple[int, bytes]:
+    """
+    Check a message file whole (footer and CRC) and return its data length
+    and envelope JSON.
+
+    @raise FileNotFoundError: no such file.
+    @raise Damaged: it does not check out.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        dataLength, envelopeLength, crc = readFooter(fd, queueID, size)
+        running, offset, end = 0, 0, dataLength + envelopeLength
+        envelope = b""
+        while offset < end:
+            chunk = os.pread(fd, min(block, end - offset), offset)
+            if not chunk:
+                raise Damaged("file shorter than its footer says")
+            running = zlib.crc32(chunk, running)
+            if offset + len(chunk) > dataLength:
+                envelope += chunk[max(0, dataLength - offset) :]
+            offset += len(chunk)
+        footer = os.pread(fd, FOOTER.size - 4, end)
+        if zlib.crc32(footer, running) != crc:
+            raise Damaged("CRC mismatch")
+        return dataLength, envelope
+    finally:
+        os.close(fd)
+
+
+def record(payload: bytes) -> bytes:
+    """One journal record holding C{payload} (the JSON of a state)."""
+    return RECORD.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def readJournal(path: Path) -> tuple[bytes | None, bool]:
+    """
+    The last valid record of a journal, and whether the journal was clean
+    (nothing after it): a torn last record (an append a crash cut short) is
+    ignored, the state before it stands.  C{None} when there is no journal or
+    no valid record.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None, True
+    last: bytes | None = None
+    offset = 0
+    while offset + RECORD.size <= len(raw):
+        magic, length, crc = RECORD.unpack_from(raw, offset)
+        start = offset + RECORD.size
+        payload = raw[start : start + length]
+        if magic != RECORD_MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
+            break
+        last = payload
+        offset = start + length
+    return last, offset == len(raw)
+
+
+def stateName(queueID: str) -> str:
+    return queueID + ".state"
+
+
+# -- operations ------------------------------------------------------------------
+
+
+class _Incoming:
+    """An incoming file this worker has open: what it wrote, and its running CRC."""
+
+    __slots__ = ("fd", "size", "crc")
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.size, self.crc = fd, 0, 0
+
+    def write(self, data: bytes) -> None:
+        if data:
+            writeAll(self.fd, data)
+            self.crc = zlib.crc32(data, self.crc)
+            self.size += len(data)
+
+
 class _Operation:
     """
-    One request, done in three stages so that a batch shares the expensive
-    part: every operation of a batch is written before any is synced, then all
-    are renamed, then one sync covers every rename of the batch.
+    One request, done in stages so that a batch shares the expensive parts:
+    every operation of a batch is written (L{prepare}), then every file is
+    fsynced, in a few threads at once (L{syncs}), then renamed into place
+    (L{publish}); one fsync of C{messages/} covers every name of the batch,
+    and L{finish} runs after it.
     """
 
-    changed = False  # whether publish() changed messages/ (then it must be synced)
-    writes = False  # whether prepare() wrote something that must be durable
+    changed = False  # whether messages/ must be synced for this operation to be durable
     counted = True  # a change of the queue (not the bookkeeping of an incoming message)
 
     def prepare(self) -> None:
         """Write what is new."""
 
-    def sync(self) -> None:
-        """fsync what prepare() wrote (C{sync = fsync} only)."""
+    def syncs(self) -> Iterable[int]:
+        """The descriptors to fsync after every operation is prepared."""
+        return ()
 
     def publish(self) -> None:
         """Rename or unlink into place: the change becomes visible."""
+
+    def finish(self) -> None:
+        """After the directory sync: what must not become durable before it."""
 
     def undo(self) -> None:
         """Leave nothing half-done behind after a failure in any stage."""
 
 
+def _setHint(target: int | Path, due: int) -> bool:
+    """
+    Set the due-time hint, the mtime of a message's data file, which lets a
+    scan order the queue without reading it.  A file system that cannot set
+    it leaves the time of the last write: the commit's, never later than the
+    true due time.  C{True} if it was set.
+    """
+    try:
+        os.utime(target, ns=(due, due))
+    except OSError:
+        return False
+    return True
+
+
+def _replaced(files: QueueFiles, request: Request) -> OSError | None:
+    if request.generation and request.generation != files.generation:
+        return OSError(errno.EIO, "the queue worker was replaced while this message was being received")
+    return None
+
+
 class _Append(_Operation):
     counted = False
 
-    def __init__(self, files: QueueFiles, queueID: str, chunk: bytes) -> None:
-        self.files, self.queueID, self.chunk = files, queueID, chunk
+    def __init__(self, files: QueueFiles, request: Request) -> None:
+        self.files, self.request = files, request
 
     def prepare(self) -> None:
-        files = self.files
-        if self.queueID in files.broken:
-            raise files.broken[self.queueID]
+        files, queueID = self.files, self.request.queueID
+        replaced = _replaced(files, self.request)
+        if replaced is not None:
+            # Its first chunks went to a worker that died: the message cannot
+            # be completed; what that worker wrote goes.
+            files.discard(queueID)
+            files.broken[queueID] = replaced
+        if queueID in files.broken:
+            raise files.broken[queueID]
         try:
-            fd = files.open.get(self.queueID)
-            if fd is None:
-                fd = files.open[self.queueID] = files.newFile(files.incoming / self.queueID)
-            writeAll(fd, self.chunk)
+            incoming = files.open.get(queueID)
+            if incoming is None:
+                incoming = files.open[queueID] = _Incoming(create(files.incoming / queueID))
+            incoming.write(self.request.data)
         except OSError as e:
             # The message is lost: its commit will fail with this error.
-            files.broken[self.queueID] = e
+            files.broken[queueID] = e
             raise
 
 
 class _Commit(_Operation):
     """
-    With C{fsync}: written in C{incoming/}, fsynced, renamed into C{messages/}
-    (data first), directory fsynced.  With C{syncfs}: written straight into
-    C{messages/} and made durable by the batch's one file system sync; a
-    crash before that sync completes can leave a prefix of either file, which
-    recovery recognises (unparsable envelope, or data shorter than the
-    envelope's C{data_size}) as a commit that was never acknowledged.
+    Data (already in C{incoming/<qid>}, or all of it now), then envelope and
+    footer, mtime set to the arrival; fsynced; renamed into C{messages/}; the
+    batch's directory sync makes the name durable, and only then does the
+    commit succeed.
     """
 
-    def __init__(self, files: QueueFiles, queueID: str, tail: bytes, payload: bytes) -> None:
-        self.files, self.queueID, self.tail, self.payload = files, queueID, tail, payload
-        self.fd: int | None = None
-        self.envelopeFd: int | None = None
-        self.changed = files.sync == "fsync"
-        self.writes = True
+    changed = True
+
+    def __init__(self, files: QueueFiles, request: Request) -> None:
+        self.files, self.request = files, request
+        self.incoming: _Incoming | None = None
+        self.published = False
 
     def prepare(self) -> None:
-        files = self.files
-        if self.queueID in files.broken:
-            raise files.broken.pop(self.queueID)
-        direct = files.sync == "syncfs"
-        where = files.messages if direct else files.incoming
-        self.fd = files.open.pop(self.queueID, None)
-        if self.fd is None:
-            self.fd = files.writeFile(where / self.queueID, self.tail)
-        else:
-            writeAll(self.fd, self.tail)
-            if direct:
-                os.rename(files.incoming / self.queueID, where / self.queueID)
-        self.envelopeFd = files.writeFile(where / (self.queueID + ".json"), self.payload)
+        files, request = self.files, self.request
+        queueID = request.queueID
+        replaced = _replaced(files, request)
+        if replaced is not None:
+            raise replaced
+        if queueID in files.broken:
+            raise files.broken.pop(queueID)
+        self.incoming = files.open.pop(queueID, None)
+        if self.incoming is None:
+            self.incoming = _Incoming(create(files.incoming / queueID))
+        incoming = self.incoming
+        incoming.write(request.data)
+        if incoming.size != request.size:
+            # Chunks went missing between the session and this file: never
+            # commit a message that is not the one the client sent.
+            raise OSError(errno.EIO, f"{incoming.size} octets stored of the {request.size} received")
+        dataLength = incoming.size
+        crc = zlib.crc32(request.payload, incoming.crc)
+        writeAll(incoming.fd, request.payload + footerFor(queueID, dataLength, len(request.payload), crc))
+        # The due-time hint: arrival (made durable with the file).
+        _setHint(incoming.fd, request.due)
 
-    def sync(self) -> None:
-        assert self.fd is not None and self.envelopeFd is not None
-        fsyncFile(self.fd)
-        fsyncFile(self.envelopeFd)
+    def syncs(self) -> Iterable[int]:
+        assert self.incoming is not None
+        return (self.incoming.fd,)
 
     def publish(self) -> None:
         self._close()
-        if self.files.sync == "syncfs":
-            return  # in place, and durable since the batch's sync
-        incoming, messages = self.files.incoming, self.files.messages
-        # Data first: an envelope in messages/ always has its data beside it.
-        os.rename(incoming / self.queueID, messages / self.queueID)
-        os.rename(incoming / (self.queueID + ".json"), messages / (self.queueID + ".json"))
+        queueID = self.request.queueID
+        os.rename(self.files.incoming / queueID, self.files.messages / queueID)
+        self.published = True
 
     def undo(self) -> None:
         self._close()
-        self.files.discard(self.queueID, published=True)
+        self.files.discard(self.request.queueID, sync=self.published)
 
     def _close(self) -> None:
-        fd, self.fd = self.fd, None
-        envelopeFd, self.envelopeFd = self.envelopeFd, None
-        closeQuietly(fd)
-        closeQuietly(envelopeFd)
+        incoming, self.incoming = self.incoming, None
+        if incoming is not None:
+            closeQuietly(incoming.fd)
 
 
 class _Update(_Operation):
     """
-    Write-new, sync, then swap: the new envelope is written into a spare file
-    (or C{<qid>.json.new}), made durable, and exchanged with the old one,
-    which becomes a spare.
+    Appends one record to C{<qid>.state} and fsyncs it (the first append
+    creates the file: then the directory sync covers its name); a journal
+    past L{COMPACT_AT}, or one that a failure may have left with a torn
+    tail, is rewritten instead: a new file, fsynced, renamed over the old.
+
+    The due-time hint (the data file's mtime) follows the state so that a
+    lost hint only ever makes a message due early: a hint that moves earlier
+    is set and fsynced before the record is written; one that moves later is
+    set only after the record (and its name) are durable.
     """
 
-    changed = True
-    writes = True
-
-    def __init__(self, files: QueueFiles, queueID: str, payload: bytes) -> None:
-        self.files = files
-        self.target = files.messages / (queueID + ".json")
-        self.payload = payload
+    def __init__(self, files: QueueFiles, request: Request) -> None:
+        self.files, self.request = files, request
+        queueID = request.queueID
+        self.data = files.messages / queueID
+        self.journal = files.messages / stateName(queueID)
+        self.temporary = files.messages / (stateName(queueID) + ".new")
         self.fd: int | None = None
-        self.temporary: Path | None = None
+        self.before = 0
+        self.compact = False
+        self.later = False
 
     def prepare(self) -> None:
-        spare = self.files.openSpare(self.payload)
-        if spare is None:
-            self.temporary = self.target.with_name(self.target.name + ".new")
-            self.fd = create(self.temporary)
-            writeAll(self.fd, self.payload)
-        else:
-            self.fd, self.temporary = spare
-
-    def sync(self) -> None:
+        files, request = self.files, self.request
+        queueID = request.queueID
+        mtime = os.stat(self.data).st_mtime_ns  # FileNotFoundError: the message is gone
+        if request.due < mtime:
+            # Rare (a retry brought forward): durable before the record is written.
+            fd = os.open(self.data, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _setHint(fd, request.due):
+                    fsyncFile(fd)
+            finally:
+                os.close(fd)
+        elif request.due > mtime:
+            self.later = True
+        entry = record(request.payload)
+        self.compact = bool(request.flags & COMPACT) or queueID in files.compact
+        if not self.compact:
+            try:
+                self.fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self.fd = create(self.journal)
+                self.changed = True
+            self.before = os.fstat(self.fd).st_size
+            if self.before + len(entry) > COMPACT_AT and self.before:
+                closeQuietly(self.fd)
+                self.fd = None
+                self.compact = True
+        if self.compact:
+            self.changed = True
+            self.fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         assert self.fd is not None
-        fsyncFile(self.fd)
+        writeAll(self.fd, entry)
+
+    def syncs(self) -> Iterable[int]:
+        assert self.fd is not None
+        return (self.fd,)
 
     def publish(self) -> None:
         fd, self.fd = self.fd, None
-        closeQuietly(fd)
-        assert self.temporary is not None
-        if exchange(self.temporary, self.target):
-            self.files.recycle(self.temporary)  # the old envelope
-        else:
-            os.rename(self.temporary, self.target)
-        self.temporary = None
+        os.close(fd)  # type: ignore[arg-type]
+        if self.compact:
+            os.rename(self.temporary, self.journal)
+            self.files.compact.discard(self.request.queueID)
+
+    def finish(self) -> None:
+        if self.later:
+            _setHint(self.data, self.request.due)  # if it fails, an earlier hint stands: due early
 
     def undo(self) -> None:
+        # The old state must stand: a record that may be torn is cut off (and
+        # the journal rewritten at the next update, in case that failed too).
         fd, self.fd = self.fd, None
-        closeQuietly(fd)
-        if self.temporary is not None:
+        self.files.compact.add(self.request.queueID)
+        if self.compact:
+            closeQuietly(fd)
             try:
                 unlinkQuietly(self.temporary)
             except OSError:
                 pass
+        elif fd is not None:
+            try:
+                os.ftruncate(fd, self.before)
+            except OSError:
+                pass
+            closeQuietly(fd)
 
 
 class _Remove(_Operation):
     # Not synced on its own (IQueueStore.remove promises no durability): the
     # next batch's sync carries it; a crash before then repeats a delivery.
-    def __init__(self, files: QueueFiles, queueID: str) -> None:
-        self.files = files
-        self.paths = (files.messages / (queueID + ".json"), files.messages / queueID)
+    def __init__(self, files: QueueFiles, request: Request) -> None:
+        self.files, self.queueID = files, request.queueID
 
     def publish(self) -> None:
-        # Envelope first: data without an envelope is what recovery deletes.
-        for path in self.paths:
-            self.files.recycle(path)
+        # Data first: a journal without its message is what recovery deletes.
+        unlinkQuietly(self.files.messages / self.queueID)
+        unlinkQuietly(self.files.messages / stateName(self.queueID))
 
 
 class _Discard(_Operation):
+    """Forget a message that was never acknowledged, wherever its files got to."""
+
     counted = False
 
-    def __init__(self, files: QueueFiles, queueID: str) -> None:
-        self.files, self.queueID = files, queueID
+    def __init__(self, files: QueueFiles, request: Request) -> None:
+        self.files, self.queueID = files, request.queueID
 
     def prepare(self) -> None:
-        self.files.discard(self.queueID, published=False)
+        self.changed = self.files.discard(self.queueID, sync=False)
+
+
+_OPERATIONS: dict[int, Callable[[QueueFiles, Request], _Operation]] = {
+    APPEND: _Append,
+    COMMIT: _Commit,
+    UPDATE: _Update,
+    REMOVE: _Remove,
+    DISCARD: _Discard,
+}
 
 
 class QueueFiles:
     """
     The files of one queue directory, and the requests that change them.
 
-    @ivar open: incoming data files being appended to, by queue id.
+    @ivar generation: the incarnation of the worker this is (requests for
+        another one fail).
+    @ivar open: incoming files being appended to, by queue id.
     @ivar broken: the write error of incoming messages that can no longer be
         committed, by queue id.
+    @ivar compact: queue ids whose journal is rewritten at its next update.
     """
 
-    def __init__(self, path: Path, sync: str) -> None:
-        if sync not in SYNC_MODES:
-            raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)} here, not {sync!r}")
-        self.sync = sync
+    def __init__(self, path: Path, generation: int = 1, threads: int = SYNC_THREADS) -> None:
+        self.generation = generation
         self.incoming = Path(path) / "incoming"
         self.messages = Path(path) / "messages"
-        self.spare = Path(path) / "spare"
-        self.spare.mkdir(mode=0o700, exist_ok=True)
-        # Spare files (name, size), and the next name; sizes of spares a
-        # previous run left are unknown (-1).
-        self.spares: list[tuple[str, int]] = []
-        highest = 0
-        for name in os.listdir(self.spare):
-            if name.isdigit():
-                self.spares.append((name, -1))
-                highest = max(highest, int(name))
-        self._nextSpare = highest + 1
-        self.open: dict[str, int] = {}
+        self.open: dict[str, _Incoming] = {}
         self.broken: dict[str, BaseException] = {}
+        self.compact: set[str] = set()
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
         self.batches = 0
         self.changes = 0
         self.syncSeconds = 0.0
 
-    # -- spare files --------------------------------------------------------
-
-    def openSpare(self, content: bytes | None) -> tuple[int, Path] | None:
-        """
-        A spare, no longer one, open for writing: holding C{content}, or
-        emptied for appending when C{content} is C{None}.  Spares that have
-        gone (an operator cleaned C{spare/}) are forgotten; C{None} when none
-        is left.
-        """
-        while self.spares:
-            name, size = self.spares.pop()
-            path = self.spare / name
-            flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_TRUNC if content is None else 0)
-            try:
-                fd = os.open(path, flags)
-            except FileNotFoundError:
-                continue
-            try:
-                if content is not None:
-                    writeAll(fd, content)
-                    if size < 0 or size > len(content):
-                        os.ftruncate(fd, len(content))
-            except BaseException:
-                os.close(fd)
-                unlinkQuietly(path)
-                raise
-            return fd, path
-        return None
-
-    def writeFile(self, target: Path, content: bytes) -> int:
-        """
-        A file at C{target} holding C{content}, open for syncing.  A spare is
-        written first and renamed after, so C{target} never shows what the
-        spare held before.
-        """
-        spare = self.openSpare(content)
-        if spare is None:
-            fd = create(target)
-            writeAll(fd, content)
-            return fd
-        return self._moveSpare(spare, target)
-
-    def newFile(self, target: Path) -> int:
-        """An empty file at C{target}, for appending, from a spare if there is one."""
-        spare = self.openSpare(None)
-        if spare is None:
-            return create(target)
-        return self._moveSpare(spare, target)
-
-    def _moveSpare(self, spare: tuple[int, Path], target: Path) -> int:
-        fd, path = spare
-        try:
-            os.rename(path, target)
-        except BaseException:
-            os.close(fd)
-            unlinkQuietly(path)
-            raise
-        return fd
-
-    def recycle(self, path: Path) -> None:
-        """
-        Make C{path} a spare, or unlink it when there are enough spares or it
-        is large (a spare keeps its blocks until it is reused).
-        """
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            return
-        if path.parent == self.spare and size <= SPARE_SIZE:
-            self.spares.append((path.name, size))  # a spare already (an update's old envelope)
-        elif len(self.spares) < SPARES and size <= SPARE_SIZE:
-            name = str(self._nextSpare)
-            try:
-                os.rename(path, self.spare / name)
-            except FileNotFoundError:
-                return
-            self._nextSpare += 1
-            self.spares.append((name, size))
-        else:
-            unlinkQuietly(path)
-
     def _operation(self, request: Request) -> _Operation:
-        opcode, queueID, data, payload = request
-        if opcode == APPEND:
-            return _Append(self, queueID, data)
-        if opcode == COMMIT:
-            return _Commit(self, queueID, data, payload)
-        if opcode == UPDATE:
-            return _Update(self, queueID, payload)
-        if opcode == REMOVE:
-            return _Remove(self, queueID)
-        if opcode == DISCARD:
-            return _Discard(self, queueID)
-        raise ValueError(f"unknown opcode {opcode}")
+        factory = _OPERATIONS.get(request.opcode)
+        if factory is None:
+            raise ValueError(f"unknown opcode {request.opcode}")
+        return factory(self, request)
+
+    def _fsyncAll(self, work: list[tuple[int, int]]) -> list[BaseException | None]:
+        """fsync each descriptor; the error of each, or None."""
+
+        def one(fd: int) -> BaseException | None:
+            try:
+                fsyncFile(fd)
+            except OSError as e:
+                return e
+            return None
+
+        if len(work) > 1 and self.threads > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fsync")
+            return list(self._pool.map(one, [fd for _, fd in work]))
+        return [one(fd) for _, fd in work]
 
     def run(self, requests: list[Request]) -> list[Error | None]:
         """
-        Carry out a batch; the error of each request, or C{None}.
+        Carry out requests in batches; the error of each request, or C{None}.
 
-        With C{sync = fsync}, every file written is fsynced, then renamed, then
-        C{messages/} is fsynced.  With C{syncfs}, one file system sync after
-        writing makes the whole batch durable: one journal commit, whatever
-        the batch size, where fsyncs of newly written files each force their
-        own.  Only envelope updates (a rename over the old envelope, whose new
-        content must be durable first) need a second sync after publishing.
+        A batch ends before a request that needs a commit of the same batch
+        to be done (an update or removal of a message committed in it):
+        stages run operation by operation, so it would not find the message.
         """
-        operations = [self._operation(request) for request in requests]
-        errors: list[BaseException | None] = [None] * len(operations)
+        errors: list[Error | None] = []
+        batch: list[Request] = []
+        committing: set[str] = set()
+        for request in requests:
+            if request.opcode in (UPDATE, REMOVE, DISCARD) and request.queueID in committing:
+                errors += self._batch(batch)
+                batch, committing = [], set()
+            batch.append(request)
+            if request.opcode == COMMIT:
+                committing.add(request.queueID)
+        return errors + self._batch(batch)
+
+    def _batch(self, requests: list[Request]) -> list[Error | None]:
+        """
+        Carry out one batch.
+
+        Every file written is fsynced, then renamed, then C{messages/} is
+        fsynced once for the whole batch: POSIX durability, whatever the file
+        system orders or not.
+        """
+        if not requests:
+            return []
+        operations: list[_Operation] = []
+        errors: list[BaseException | None] = []
+        for request in requests:
+            try:
+                operations.append(self._operation(request))
+                errors.append(None)
+            except Exception as e:
+                operations.append(_Operation())
+                errors.append(e)
         started = time.monotonic()
+
+        def fail(i: int, e: BaseException) -> None:
+            errors[i] = e
+            try:
+                operations[i].undo()
+            except Exception:
+                pass
 
         def stage(name: str) -> None:
             for i, operation in enumerate(operations):
@@ -470,27 +608,22 @@ class QueueFiles:
                     try:
                         getattr(operation, name)()
                     except Exception as e:
-                        errors[i] = e
-                        operation.undo()
-
-        def durably(sync: Callable[[Path], None]) -> None:
-            try:
-                sync(self.messages)
-            except OSError as e:
-                for i, operation in enumerate(operations):
-                    if errors[i] is None and operation.counted:
-                        errors[i] = e
-                        operation.undo()
+                        fail(i, e)
 
         stage("prepare")
-        if self.sync == "syncfs":
-            if any(errors[i] is None and operation.writes for i, operation in enumerate(operations)):
-                durably(syncFilesystem)
-        else:
-            stage("sync")
+        work = [(i, fd) for i, operation in enumerate(operations) if errors[i] is None for fd in operation.syncs()]
+        for (i, _), error in zip(work, self._fsyncAll(work), strict=True):
+            if error is not None and errors[i] is None:
+                fail(i, error)
         stage("publish")
         if any(errors[i] is None and operation.changed for i, operation in enumerate(operations)):
-            durably(syncFilesystem if self.sync == "syncfs" else fsyncDirectory)
+            try:
+                fsyncDirectory(self.messages)
+            except OSError as e:
+                for i, operation in enumerate(operations):
+                    if errors[i] is None and operation.changed:
+                        fail(i, e)
+        stage("finish")
         counted = sum(1 for operation in operations if operation.counted)
         if counted:
             self.batches += 1
@@ -498,24 +631,39 @@ class QueueFiles:
             self.syncSeconds += time.monotonic() - started
         return [None if e is None else (getattr(e, "errno", None) or 0, str(e)) for e in errors]
 
-    def discard(self, queueID: str, published: bool) -> None:
-        """Forget an incoming message; C{published}: its files may be in messages/ too."""
-        closeQuietly(self.open.pop(queueID, None))
+    def discard(self, queueID: str, sync: bool = True) -> bool:
+        """
+        Forget a message never acknowledged: its incoming file, and whatever
+        of it reached C{messages/}.  With C{sync}, C{messages/} is fsynced if
+        that changed it.  C{True} if C{messages/} changed.
+        """
+        incoming = self.open.pop(queueID, None)
+        if incoming is not None:
+            closeQuietly(incoming.fd)
         self.broken.pop(queueID, None)
-        paths = [self.incoming / (queueID + ".json"), self.incoming / queueID]
-        if published:
-            paths[:0] = [self.messages / (queueID + ".json"), self.messages / queueID]
-        removed = False
-        for path in paths:
+        self.compact.discard(queueID)
+        for path in (self.incoming / queueID,):
             try:
-                removed = unlinkQuietly(path) or removed
+                unlinkQuietly(path)
             except OSError:
                 pass
-        if removed and published:
+        changed = False
+        for path in (self.messages / queueID, self.messages / stateName(queueID)):
+            try:
+                changed = unlinkQuietly(path) or changed
+            except OSError:
+                pass
+        if changed and sync:
             try:
                 fsyncDirectory(self.messages)
             except OSError:
                 pass
+        return changed
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def statistics(self) -> str:
         """One log line: what group commit achieved."""
@@ -530,14 +678,25 @@ class QueueFiles:
 
 # -- the pipe protocol ----------------------------------------------------------
 
-_REQUEST = struct.Struct("!IBHII")  # request id, opcode, len(queue id), len(data), len(payload)
+_REQUEST = struct.Struct("!IBIBQqBII")
+# request id, opcode, generation, len(queue id), size, due, flags, len(data), len(payload)
 _REPLY = struct.Struct("!IiI")  # request id, errno (0 ok, -1 not an OSError), len(text)
 
 
 def encodeRequest(requestID: int, request: Request) -> bytes:
-    opcode, queueID, data, payload = request
-    qid = queueID.encode("ascii")
-    return _REQUEST.pack(requestID, opcode, len(qid), len(data), len(payload)) + qid + data + payload
+    qid = request.queueID.encode("ascii")
+    header = _REQUEST.pack(
+        requestID,
+        request.opcode,
+        request.generation,
+        len(qid),
+        request.size,
+        request.due,
+        request.flags,
+        len(request.data),
+        len(request.payload),
+    )
+    return b"".join((header, qid, request.data, request.payload))
 
 
 def encodeReply(requestID: int, error: Error | None) -> bytes:
@@ -557,7 +716,9 @@ class RequestDecoder:
         out: list[tuple[int, Request]] = []
         buffer, offset = self._buffer, 0
         while len(buffer) - offset >= _REQUEST.size:
-            requestID, opcode, qidLength, dataLength, payloadLength = _REQUEST.unpack_from(buffer, offset)
+            requestID, opcode, generation, qidLength, size, due, flags, dataLength, payloadLength = (
+                _REQUEST.unpack_from(buffer, offset)
+            )
             start = offset + _REQUEST.size
             end = start + qidLength + dataLength + payloadLength
             if len(buffer) < end:
@@ -565,7 +726,7 @@ class RequestDecoder:
             qid = bytes(buffer[start : start + qidLength]).decode("ascii")
             data = bytes(buffer[start + qidLength : start + qidLength + dataLength])
             payload = bytes(buffer[start + qidLength + dataLength : end])
-            out.append((requestID, (opcode, qid, data, payload)))
+            out.append((requestID, Request(opcode, qid, data, payload, generation, size, due, flags)))
             offset = end
         del buffer[:offset]
         return out
@@ -591,14 +752,19 @@ class ReplyDecoder:
         return out
 
 
-def serve(files: QueueFiles, inFd: int, outFd: int, limit: int = 1 << 20) -> None:
+def serve(files: QueueFiles, inFd: int, outFd: int, limit: int = 1 << 20, parent: int | None = None) -> None:
     """
-    Answer requests from C{inFd} until it is closed.  Everything already
+    Answer requests from C{inFd} until it is closed (or, when C{parent} is
+    given, until that process is no longer our parent).  Everything already
     waiting in the pipe is one batch.
     """
     decoder = RequestDecoder()
     ended = False
     while not ended:
+        if parent is not None and not select.select([inFd], [], [], 1.0)[0]:
+            if os.getppid() != parent:
+                break
+            continue
         chunk = os.read(inFd, limit)
         if not chunk:
             break
@@ -614,15 +780,32 @@ def serve(files: QueueFiles, inFd: int, outFd: int, limit: int = 1 << 20) -> Non
             writeAll(outFd, b"".join(encodeReply(rid, error) for (rid, _), error in zip(frames, errors, strict=True)))
 
 
-def main(argv: list[str]) -> int:
-    import signal
+def dieWithParent(parent: int) -> bool:
+    """
+    Ask Linux to kill this process when its parent dies (C{PR_SET_PDEATHSIG}),
+    and check the parent has not died already; C{False} if it has.  A worker
+    whose relay is gone must not go on writing to a queue that another relay
+    may already have locked.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    return os.getppid() == parent
 
+
+def main(argv: list[str]) -> int:
     # The relay decides when this process ends, by closing its stdin: a ^C
     # at the terminal must not kill it under a batch the relay waits for.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    path, sync = argv[1], argv[2]
-    files = QueueFiles(Path(path), sync)
-    serve(files, 0, 1)
+    path, generation, parent = argv[1], int(argv[2]), int(argv[3])
+    if not dieWithParent(parent):
+        return 1
+    files = QueueFiles(Path(path), generation)
+    serve(files, 0, 1, parent=parent)
+    files.close()
     sys.stderr.write(files.statistics() + "\n")
     return 0
 

@@ -27,7 +27,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from relay.envelope import Envelope, Recipient, RecipientState, Status
+from relay.envelope import Envelope, QueueScan, Recipient, RecipientState, Status
 from relay.interfaces import IIncomingMessage, IQueueStore
 
 DATA = b"Received: from x\r\n\tby y; now\r\nSubject: contract\r\n\r\nbody \xff\x00 8bit\r\n.dot\r\n"
@@ -60,29 +60,49 @@ def envelopeFor(queueID: str, *addresses: str) -> Envelope:
 
 
 class QueueStoreContract:
-    """Mix into a C{Test*} class and implement L{makeStore}."""
+    """
+    Mix into a C{Test*} class and implement L{makeStore}; implement
+    L{makeUpdatesFail} and L{makeUnusable} too, or the tests that need them
+    are skipped.
+    """
 
     def makeStore(self, path: Path) -> Any:
         raise NotImplementedError
 
+    def makeUpdatesFail(self, store: Any, queueID: str, failing: bool) -> None:
+        """Make C{store.update} of C{queueID} fail with an L{OSError} (C{failing}) or work again."""
+        pytest.skip("this store cannot be made to fail updates")
+
+    def makeUnusable(self, path: Path) -> None:
+        """Break the store's storage at C{path} so that its next L{recover} must fail."""
+        pytest.skip("this store cannot be made unusable")
+
     @pytest.fixture
     def store(self, tmp_path: Path) -> Any:
         self.path = tmp_path / "queue"
-        store = self.makeStore(self.path)
+        store = self.current = self.makeStore(self.path)
         resolve(store.recover())
-        return store
+        yield store
+        resolve(maybeDeferred(self.current.stop))
 
-    def restart(self) -> Any:
-        store = self.makeStore(self.path)
+    def restart(self) -> tuple[Any, int]:
+        """Stop the current store and start another on the same storage: its recover() count."""
+        resolve(maybeDeferred(self.current.stop))
+        store = self.current = self.makeStore(self.path)
         return store, resolve(store.recover())
 
-    def queue(self, store: Any, *addresses: str, data: bytes = DATA) -> Envelope:
+    def queue(self, store: Any, *addresses: str, data: bytes = DATA, at: float | None = None) -> Envelope:
         incoming = store.begin()
         incoming.write(data[:10])
         incoming.write(data[10:])
         envelope = envelopeFor(incoming.queue_id, *addresses)
+        if at is not None:
+            envelope.received_at = at
         resolve(incoming.commit(envelope))
         return envelope
+
+    def scanAll(self, store: Any, before: float = 1e12, limit: int = 1000, exclude: Any = ()) -> Any:
+        return resolve(store.scan(before, limit, exclude))
 
     def test_provides_interfaces(self, store):
         assert verifyObject(IQueueStore, store)
@@ -92,10 +112,23 @@ class QueueStoreContract:
 
     def test_committed_message_survives_restart(self, store):
         envelope = self.queue(store, "a@example.test", "b@example.test")
-        again, recovered = self.restart()
-        assert [e.toJSON() for e in recovered] == [envelope.toJSON()]
+        again, count = self.restart()
+        assert count == 1
+        assert resolve(again.load(envelope.queue_id)).toJSON() == envelope.toJSON()
         with again.openData(envelope.queue_id) as f:
-            assert f.read() == DATA
+            assert f.read() == DATA  # the data alone, nothing after it
+
+    def test_data_reads_in_blocks_and_lines(self, store):
+        envelope = self.queue(store)
+        with store.openData(envelope.queue_id) as f:
+            first = f.readline()
+            assert first == DATA[: DATA.index(b"\n") + 1]
+            assert f.read(5) == DATA[len(first) : len(first) + 5]
+        with store.openData(envelope.queue_id) as f:
+            pieces = []
+            while piece := f.read(7):
+                pieces.append(piece)
+            assert b"".join(pieces) == DATA
 
     def test_queue_ids_unique_and_textual(self, store):
         ids = set()
@@ -112,16 +145,18 @@ class QueueStoreContract:
         aborted.write(DATA)
         aborted.abort()
         aborted.abort()
-        _, recovered = self.restart()
-        assert recovered == []
+        again, count = self.restart()
+        assert count == 0
+        assert self.scanAll(again) == QueueScan([], 0, None)
 
     def test_abort_after_commit_keeps_the_message(self, store):
         incoming = store.begin()
         incoming.write(DATA)
         resolve(incoming.commit(envelopeFor(incoming.queue_id)))
         incoming.abort()
-        _, recovered = self.restart()
-        assert [e.queue_id for e in recovered] == [incoming.queue_id]
+        again, count = self.restart()
+        assert count == 1
+        assert [queueID for _, queueID in self.scanAll(again).due] == [incoming.queue_id]
 
     def test_commit_twice_or_with_another_id_is_a_programming_error(self, store):
         incoming = store.begin()
@@ -140,26 +175,48 @@ class QueueStoreContract:
         envelope.recipients[1].attempts = 3
         envelope.recipients[1].next_attempt = 1_800_000_600.0
         envelope.recipients[1].last_status = Status(451, "4.4.1", "later")
+        envelope.extra["warned"] = True
         resolve(store.update(envelope))
         envelope.recipients[1].attempts = 99  # the store keeps what it was given at update time
-        _, [recovered] = self.restart()
+        again, _ = self.restart()
+        recovered = resolve(again.load(envelope.queue_id))
         assert recovered.recipients[0].state is RecipientState.DELIVERED
         assert recovered.recipients[1].attempts == 3
         assert recovered.recipients[1].last_status == Status(451, "4.4.1", "later")
+        assert recovered.extra == {"warned": True}
+        # The rest of the envelope never changes.
+        assert recovered.recipients[1].orcpt == "rfc822;b@example.test"
+        assert (recovered.sender, recovered.envid, recovered.size) == (envelope.sender, "ENV1", len(DATA))
+
+    def test_many_updates_keep_the_last(self, store):
+        envelope = self.queue(store, "a@example.test")
+        for attempt in range(1, 60):
+            envelope.recipients[0].attempts = attempt
+            envelope.recipients[0].next_attempt = 1_800_000_000.0 + attempt
+            envelope.recipients[0].last_status = Status(451, "4.4.1", "x" * 100)
+            resolve(store.update(envelope))
+        again, _ = self.restart()
+        assert resolve(again.load(envelope.queue_id)).recipients[0].attempts == 59
 
     def test_remove_forgets(self, store):
         kept = self.queue(store)
         gone = self.queue(store)
+        resolve(store.update(gone))
         resolve(store.remove(gone.queue_id))
         resolve(store.remove(gone.queue_id))  # twice is fine
-        again, recovered = self.restart()
-        assert [e.queue_id for e in recovered] == [kept.queue_id]
+        again, count = self.restart()
+        assert count == 1
+        assert [queueID for _, queueID in self.scanAll(again).due] == [kept.queue_id]
         with pytest.raises(OSError):
             again.openData(gone.queue_id)
+        with pytest.raises(FileNotFoundError):
+            resolve(again.load(gone.queue_id))
 
-    def test_open_unknown_id(self, store):
+    def test_open_or_load_unknown_id(self, store):
         with pytest.raises(OSError):
             store.openData("nosuchid")
+        with pytest.raises(FileNotFoundError):
+            resolve(store.load("nosuchid"))
 
     def test_large_message_streams(self, store):
         incoming = store.begin()
@@ -169,3 +226,69 @@ class QueueStoreContract:
         resolve(incoming.commit(envelopeFor(incoming.queue_id)))
         with store.openData(incoming.queue_id) as f:
             assert f.read() == chunk * 64
+        assert resolve(store.load(incoming.queue_id)).queue_id == incoming.queue_id
+
+    def test_scan_in_due_order_with_limit_and_exclude(self, store):
+        base = 1_800_000_000.0
+        late = self.queue(store, at=base + 30)
+        early = self.queue(store, at=base + 10)
+        middle = self.queue(store, at=base + 20.25)
+        future = self.queue(store, at=base + 1000)
+        scan = self.scanAll(store, before=base + 100)
+        assert scan.due == [(base + 10, early.queue_id), (base + 20.25, middle.queue_id), (base + 30, late.queue_id)]
+        assert (scan.total, scan.later) == (4, base + 1000)
+        # past the limit: left out, and the earliest of them is "later"
+        scan = self.scanAll(store, before=base + 100, limit=1)
+        assert scan.due == [(base + 10, early.queue_id)]
+        assert (scan.total, scan.later) == (4, base + 20.25)
+        # excluded: neither due nor later, but counted
+        scan = self.scanAll(store, before=base + 100, limit=1, exclude={early.queue_id, middle.queue_id})
+        assert scan.due == [(base + 30, late.queue_id)]
+        assert (scan.total, scan.later) == (4, base + 1000)
+        scan = self.scanAll(store, before=base, exclude={future.queue_id})
+        assert (scan.due, scan.total, scan.later) == ([], 4, base + 10)
+        assert self.scanAll(store, before=base + 30, limit=0) == QueueScan([], 4, base + 10)
+
+    def test_update_moves_the_due_time_both_ways(self, store):
+        base = 1_800_000_000.0
+        envelope = self.queue(store, "a@example.test", "b@example.test", at=base)
+        other = self.queue(store, at=base + 50)
+        envelope.recipients[0].next_attempt = base + 300
+        envelope.recipients[1].next_attempt = base + 100
+        resolve(store.update(envelope))
+        assert self.scanAll(store, before=base + 99) == QueueScan([(base + 50, other.queue_id)], 2, base + 100)
+        envelope.recipients[1].state = RecipientState.DELIVERED  # only the first is pending: due later
+        resolve(store.update(envelope))
+        assert self.scanAll(store, before=base + 299).later == base + 300
+        envelope.recipients[0].next_attempt = base + 60  # brought forward
+        resolve(store.update(envelope))
+        again, _ = self.restart()
+        assert self.scanAll(again, before=base + 1000).due == [
+            (base + 50, other.queue_id),
+            (base + 60, envelope.queue_id),
+        ]
+
+    def test_failed_update_leaves_the_old_state(self, store):
+        envelope = self.queue(store, "a@example.test")
+        envelope.recipients[0].attempts = 1
+        resolve(store.update(envelope))
+        self.makeUpdatesFail(store, envelope.queue_id, True)
+        envelope.recipients[0].attempts = 2
+        envelope.recipients[0].state = RecipientState.DELIVERED
+        with pytest.raises(OSError):
+            resolve(store.update(envelope))
+        assert resolve(store.load(envelope.queue_id)).recipients[0].attempts == 1
+        self.makeUpdatesFail(store, envelope.queue_id, False)
+        envelope.recipients[0].attempts = 3
+        resolve(store.update(envelope))  # and it works again afterwards
+        again, _ = self.restart()
+        loaded = resolve(again.load(envelope.queue_id))
+        assert (loaded.recipients[0].attempts, loaded.recipients[0].state) == (3, RecipientState.DELIVERED)
+
+    def test_recover_fails_on_an_unusable_queue(self, store):
+        self.queue(store)
+        resolve(maybeDeferred(self.current.stop))
+        store = self.current = self.makeStore(self.path)
+        self.makeUnusable(self.path)
+        with pytest.raises((OSError, ValueError)):  # whatever the store finds wrong, it fails
+            resolve(store.recover())

@@ -17,6 +17,8 @@ import pytest
 from certs import PKI
 from relayproc import Relay, freePort, tool, waitFor
 
+from relay.queue import fsworker
+from relay.queue.filesystem import QUEUE_ID
 from relay.smtp.auth import hashPassword, writePasswords
 
 pytestmark = pytest.mark.integration
@@ -260,8 +262,8 @@ def test_msmtp_dsn_parameters_are_stored(tmp_path):
         assert result.returncode == 0, result.stderr
         messages = r.relay.state / "queue" / "messages"
         assert waitFor(lambda: "deferred " in r.relay.logText(), 5)
-        [envelopeFile] = list(messages.glob("*.json"))
-        envelope = json.loads(envelopeFile.read_text())
+        [messageFile] = [p for p in messages.iterdir() if QUEUE_ID.match(p.name)]
+        envelope = json.loads(fsworker.readMessage(messageFile, messageFile.name)[1])
         assert envelope["ret"] == "HDRS"
         assert envelope["recipients"][0]["notify"] == ["SUCCESS", "DELAY"]
     finally:
