@@ -27,6 +27,7 @@ from relay import plugin
 from relay.config import Settings
 from relay.delivery.router import Router
 from relay.errors import ConfigError, OptionError
+from relay.fsutil import makeDirectories
 from relay.interfaces import IDeliveryBackendFactory, IQueueStoreFactory, IRecipientValidatorFactory
 from relay.metrics import Metrics
 from relay.policy import Policy
@@ -211,7 +212,8 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
             delivery_timeout=settings.queue.delivery_timeout,
         )
 
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    # Durably (each parent fsynced): a power cut in the first run must not take back the queue.
+    makeDirectories(settings.state_dir, mode=0o777)
     queue = settings.queue
     store = _build(
         settings,
