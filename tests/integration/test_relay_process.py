@@ -114,6 +114,11 @@ def test_kill9_after_250_then_restart_delivers(relay):
     r.start()
     send(r.port, ["survivor@localhost"])
     assert waitFor(lambda: "deferred " in r.logText(), 5), r.logText()
+    # The log line comes before the new state is stored: wait for the journal
+    # record (and its directory entry) before pulling the plug.
+    journals = lambda: list((r.state / "queue" / "messages").glob("*.state"))  # noqa: E731
+    assert waitFor(lambda: journals() and journals()[0].stat().st_size > 0, 5), r.logText()
+    time.sleep(0.2)
     r.kill9()
     (r.state / "mail").unlink()
     r.start()
@@ -129,6 +134,11 @@ def test_restart_honours_stored_next_attempts_and_new_mail_goes_at_once(relay):
     r.start()
     send(r.port, ["later@localhost"])
     assert waitFor(lambda: "deferred " in r.logText(), 5), r.logText()
+    # The log line comes before the new state is stored: wait for the journal
+    # record (and its directory entry) before pulling the plug.
+    journals = lambda: list((r.state / "queue" / "messages").glob("*.state"))  # noqa: E731
+    assert waitFor(lambda: journals() and journals()[0].stat().st_size > 0, 5), r.logText()
+    time.sleep(0.2)
     r.kill9()
     (r.state / "mail").unlink()
     r.start()
