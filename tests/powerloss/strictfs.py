@@ -69,13 +69,16 @@ from typing import Any
 
 PAGE = 4096
 MODES = ("strict", "torn", "stale")
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 ROOT = 1
 
 
 class Inode:
     """One file, directory or symbolic link: live state and durable state."""
 
-    __slots__ = ("ino", "mode", "data", "synced", "entries", "durable", "target", "links", "opens", "times")
+    __slots__ = (
+        "ino", "mode", "data", "synced", "entries", "durable", "target", "links", "opens", "times", "syncedTimes"
+    )  # fmt: skip
 
     def __init__(self, ino: int, mode: int) -> None:
         self.ino = ino
@@ -89,6 +92,8 @@ class Inode:
         self.opens = 0
         now = time.time_ns()
         self.times = [now, now, now]  # atime, mtime, ctime
+        # Times as of the last fsync (not fdatasync); an inode is created with its name.
+        self.syncedTimes = list(self.times)
 
     @property
     def isDir(self) -> bool:
@@ -344,13 +349,19 @@ class Model:
         inode.times[1] = inode.times[2] = time.time_ns()
 
     @_op("fsync")
-    def fsync(self, path: str | None, fh: int | None) -> None:
-        """fsync(2) and fdatasync(2) on a file: its content is durable, not its names."""
+    def fsync(self, path: str | None, fh: int | None, datasync: bool = False) -> None:
+        """
+        fsync(2) and fdatasync(2) on a file: its content is durable, not its
+        names; fsync makes its times durable too (a store may keep a due time
+        in an mtime), fdatasync does not.
+        """
         inode = self._node(path, fh)
         if inode.isDir:
             inode.durable = dict(inode.entries)
         elif inode.isFile:
             inode.synced = bytes(inode.data)
+        if not datasync:
+            inode.syncedTimes = list(inode.times)
 
     @_op("fsyncdir")
     def fsyncdir(self, path: str | None, fh: int | None) -> None:
@@ -435,8 +446,14 @@ class Model:
     @_op("utimens")
     def utimens(self, path: str | None, times: tuple[int, int] | None, fh: int | None = None) -> None:
         inode = self._node(path, fh)
-        atime, mtime = times if times is not None else (time.time_ns(), time.time_ns())
-        inode.times[0], inode.times[1] = atime, mtime
+        now = time.time_ns()
+        for index, value in enumerate(times if times is not None else (now, now)):
+            # libfuse passes UTIME_NOW and UTIME_OMIT in the nanoseconds
+            if value % 1_000_000_000 == UTIME_NOW:
+                inode.times[index] = now
+            elif value % 1_000_000_000 != UTIME_OMIT:
+                inode.times[index] = value
+        inode.times[2] = now
 
     # -- loading and the cut -------------------------------------------------
 
@@ -460,6 +477,8 @@ class Model:
                     child = self._new(st.st_mode)
                     child.data = bytearray(Path(entry.path).read_bytes())
                     child.synced = bytes(child.data)
+                    child.times = [st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns]
+                    child.syncedTimes = list(child.times)
                 else:
                     continue  # sockets, fifos: nothing of a store's state
                 seen[key] = child.ino
@@ -539,6 +558,8 @@ class Model:
                         report["unsynced"] += 1
                     target.write_bytes(content)
                     os.chmod(target, stat.S_IMODE(child.mode))
+                    times = child.times if mode != "strict" and rng.random() < 0.5 else child.syncedTimes
+                    os.utime(target, ns=(times[0], times[1]))
                     written[ino] = target
                     report["files"] += 1
 
@@ -608,7 +629,7 @@ def operations(model: Model) -> Any:
             return 0
 
         def fsync(self, path: str | None, datasync: int, fh: int) -> int:
-            model.fsync(path, fh)
+            model.fsync(path, fh, bool(datasync))
             return 0
 
         def unlink(self, path: str) -> int:

@@ -48,7 +48,7 @@ from relayproc import TWISTD, children, freePort, listening, smarthostConfig
 pytestmark = pytest.mark.integration
 
 CUTS = int(os.environ.get("POWERLOSS_CUTS", "24"))
-MODES = os.environ.get("POWERLOSS_MODES", "strict torn").split()
+MODES = os.environ.get("POWERLOSS_MODES", "strict torn stale").split()
 QUEUE = os.environ.get("POWERLOSS_QUEUE", "").replace("\\n", "\n")
 SOURCE = os.environ.get("POWERLOSS_RELAY_SOURCE")
 CLIENTS = 4
@@ -60,6 +60,7 @@ DEFER = 0.1  # the sink defers this share of RCPTs, so recipients' states are up
 CUT_AFTER = (0.3, 3.5)  # seconds after the relay starts
 DRAIN = 90.0
 STALLED = 15.0  # seconds without a delivery after which the drain gives up
+VENV = str(Path(TWISTD).parent).encode()
 ID = re.compile(rb"X-Powerloss-Id: (m[0-9a-z-]+)\r\n")
 SENDER = re.compile(r"^s-(m[0-9a-z-]+)@client\.test$")
 RECEIVED = re.compile(rb"\A(?:Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)+\Z")
@@ -150,28 +151,34 @@ class RelayProcess:
             )
 
     def descendants(self) -> list[int]:
+        """Its children and theirs, and whatever else is left in its session (a worker whose parent died)."""
         found, todo = [], [self.proc.pid]
         while todo:
             for pid in children(todo.pop(), b""):
                 found.append(pid)
                 todo.append(pid)
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in found:
+                continue
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+                ours = VENV in (entry / "cmdline").read_bytes()  # started by this interpreter
+            except OSError:
+                continue
+            if int(fields[3]) == self.proc.pid and ours:
+                found.append(int(entry.name))
         return found
 
     def kill(self) -> None:
         """SIGKILL the relay and everything it started, by their PIDs."""
-        try:
+        running = self.proc.poll() is None
+        if running:
             os.kill(self.proc.pid, signal.SIGSTOP)  # no new worker while we look for them
-        except ProcessLookupError:
-            pass
-        for pid in [self.proc.pid, *self.descendants()]:
+        for pid in [self.proc.pid] * running + self.descendants():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # its session: anything that escaped the walk
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
@@ -331,5 +338,11 @@ def test_power_cuts_lose_and_mix_up_nothing(tmp_path, capsys):
     with capsys.disabled():
         print("\n" + "\n".join(lives) + "\n" + summary)
     assert verdict.acked >= CUTS, "too few messages acknowledged to prove anything: " + summary
+    byLife: dict[str, int] = {}
+    for lost in verdict.lost:
+        life = lost.split("-", 1)[0][1:]
+        byLife[life] = byLife.get(life, 0) + 1
+    if byLife:
+        summary += "\nlost, by the life that acknowledged them: " + ", ".join(f"{k}: {v}" for k, v in byLife.items())
     problems = verdict.mixups[:10] + verdict.damaged[:10] + verdict.lost[:10]
     assert not (verdict.lost or verdict.mixups or verdict.damaged), summary + "\n" + "\n".join(problems)

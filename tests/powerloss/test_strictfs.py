@@ -106,6 +106,25 @@ def test_write_after_fsync_reverts_to_synced_content(mounted):
     assert cut() == {"f": b"first message"}
 
 
+def test_times_are_durable_after_fsync_not_fdatasync(mounted, tmp_path):
+    """A store may keep a due time in an mtime: it survives only an fsync of the file."""
+    mnt, cut = mounted
+    for name in ("fsynced", "fdatasynced", "unsynced"):
+        writeFile(mnt / name, b"data")
+        os.utime(mnt / name, ns=(2_000_000_000_000_000_000, 2_000_000_000_000_000_000))
+        if name != "unsynced":
+            fd = os.open(mnt / name, os.O_RDONLY)
+            (os.fsync if name == "fsynced" else os.fdatasync)(fd)
+            os.close(fd)
+    assert os.stat(mnt / "unsynced").st_mtime_ns == 2_000_000_000_000_000_000
+    syncDir(mnt)
+    cut()
+    durable = tmp_path / "durable"
+    assert os.stat(durable / "fsynced").st_mtime_ns == 2_000_000_000_000_000_000
+    assert os.stat(durable / "fdatasynced").st_mtime_ns < 2_000_000_000_000_000_000
+    assert os.stat(durable / "unsynced").st_mtime_ns < 2_000_000_000_000_000_000
+
+
 def test_rename_without_dir_fsync_reverts_to_old_name(mounted):
     mnt, cut = mounted
     writeFile(mnt / "old", b"data")
