@@ -234,7 +234,7 @@ DRIVER = textwrap.dedent(
     from relay.queue.filesystem import SPILL, FilesystemQueueStore, ProcessEngine
     from relay.testing.queuestore import envelopeFor
 
-    async def until(reactor, predicate, timeout=20.0):
+    async def until(reactor, predicate, timeout=60.0):
         for _ in range(int(timeout / 0.01)):
             if predicate():
                 return
