@@ -12,7 +12,7 @@ After an unmeasured warm-up run of each, the servers take turns, round after
 round (who goes first alternates); each round's ratio compares two runs
 seconds apart, and the median of those ratios is the figure.
 
-    .venv/bin/python bench/acceptance.py [--sizes 2KB,100KB,1MB] [--messages N] [--rounds 3] [--settle 61]
+    .venv/bin/python bench/acceptance.py [--sizes 2KB,100KB,1MB] [--messages N] [--rounds 3] [--settle SECONDS]
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Postfix relays through its relayhost.  After an unmeasured warm-up run of
 each, the servers take turns, round after round (who goes first alternates);
 each round's ratio is one sample and their median is the figure.
 
-    .venv/bin/python bench/endtoend.py [--sizes 2KB,100KB,1MB] [--messages N] [--rounds 3] [--settle 61]
+    .venv/bin/python bench/endtoend.py [--sizes 2KB,100KB,1MB] [--messages N] [--rounds 3] [--settle SECONDS]
 """
 
 from __future__ import annotations

@@ -10,14 +10,14 @@ messages per second (medians of interleaved rounds), the median of the
 rounds' ratios beside issue 12's target for that size, and MB/s for the
 large sizes.  relay runs its default configuration throughout.
 
-The file system gets one settling wait at the start (see C{common.settle});
-nothing is deleted between the tables but what the servers themselves delete
-while relaying, which both do alike, one queue file per message.
+Nothing is deleted between the tables but what the servers themselves delete
+while relaying, which both do alike, one queue file per message; a settling
+wait at the start (C{--settle}) is no longer needed (see C{common.settle}).
 
 Needs root and Debian's postfix (for Postfix itself, smtp-source and
 smtp-sink); exits with one line saying so otherwise.
 
-    .venv/bin/python bench/run.py [--sizes 2KB,100KB,1MB] [--rounds 5] [--settle 61] [--only acceptance]
+    .venv/bin/python bench/run.py [--sizes 2KB,100KB,1MB] [--rounds 5] [--settle SECONDS] [--only acceptance]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def describe(work: Path) -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    postfix = subprocess.run([tool("postconf"), "-h", "mail_version"], capture_output=True, text=True, timeout=10)
+    postfix = subprocess.run([tool("postconf"), "-dh", "mail_version"], capture_output=True, text=True, timeout=10)
     mount, kind = filesystemOf(work)
     return (
         f"relay {commit or '(not a git checkout)'} from {tree}, default configuration; Postfix"
