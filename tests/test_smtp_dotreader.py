@@ -175,6 +175,49 @@ def test_after_a_line_split_between_chunks_the_rest_takes_the_bulk_path():
     reader = DotReader(out.append)
     assert reader.feed(b"first li") is None
     assert reader.feed(b"ne\r\n" + body + b"tail") is None
-    assert out == [b"first line\r\n", body]  # one line at a time, then the rest in one piece
+    assert out == [b"first line\r\n" + body]  # the line finished and the rest, in one piece
     assert reader.feed(b"\r\n.\r\nQUIT") == 5
     assert b"".join(out) == b"first line\r\n" + body + b"tail\r\n"
+
+
+def bulkOnly(reader: DotReader) -> None:
+    """Make C{reader} fail the test if a chunk falls back to the line-by-line path."""
+
+    def refused(data: bytes) -> int | None:
+        raise AssertionError(f"line-by-line path taken for {data[:40]!r}...")
+
+    reader._feedLines = refused  # type: ignore[method-assign]
+
+
+def test_clean_chunks_cut_anywhere_stay_on_the_bulk_path():
+    # Text with dots inside lines, base64-like lines, empty lines; cut in the
+    # middle of a line, between CR and LF, right after a CRLF, and at the
+    # end marker's start: no chunk but the one holding a dot line is slow.
+    body = b"".join(b"Line %d. Some text, a.b.c. 0123456789+/=\r\n\r\n" % i for i in range(200))
+    stream = body + b".\r\nQUIT\r\n"
+    for cut in (1, 7, body.index(b"\r") + 1, body.index(b"\n") + 1, 3000, len(body)):
+        out: list[bytes] = []
+        reader = DotReader(out.append)
+        bulkOnly(reader)
+        assert reader.feed(stream[:cut]) is None
+        assert reader.feed(stream[cut:]) == len(stream) - cut - len(b"QUIT\r\n")
+        assert (b"".join(out), reader.error) == (body, None)
+
+
+def test_bulk_path_leaves_what_it_cannot_take_untouched():
+    # A dot line, a bare CR or LF, a NUL or a long line: the chunk goes line by
+    # line, from the state before it (the partial line included).
+    for bad in (b"..x\r\n", b"a\rb\r\n", b"a\nb\r\n", b"a\0\r\n", b"x" * 999 + b"\r\n"):
+        out: list[bytes] = []
+        reader = DotReader(out.append)
+        assert reader.feed(b"ok\r\npart") is None
+        assert reader._feedClean(b"part" + b"ial\r\n" + bad + b"more\r\n") is dotreader._UNCLEAN
+        assert (reader._partial, out) == (b"part", [b"ok\r\n"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=4000), max_size=12))
+def test_clean_message_is_read_whole_at_any_chunking(cuts):
+    body = b"".join(b"%d: " % i + b"x" * (i * 37 % 990) + b"\r\n" for i in range(60))
+    data, end, error, rest = read(body + b".\r\nNEXT", cuts)
+    assert (data, error, rest) == (body, None, b"NEXT")
