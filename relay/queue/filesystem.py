@@ -58,7 +58,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.envelope import Envelope, QueueScan, RecipientState, Status
-from relay.fsutil import fsyncDirectory, makeDirectories, writeNow
+from relay.fsutil import fsyncDirectory, makeDirectories
 from relay.interfaces import IIncomingMessage, IQueueStore
 from relay.queue import fsworker
 from relay.queue.fsworker import APPEND, COMMIT, COMPACT, DISCARD, REMOVE, UPDATE, Damaged, QueueFiles, Request
@@ -83,6 +83,12 @@ SYNC_MODES = ("fsync",)
 SPILL = 256 * 1024
 """Bytes of a message held in memory before they are appended to its incoming
 file; most messages are smaller and never touch the disk before commit."""
+
+PIPE_SIZE = 1 << 20
+"""The capacity asked for the pipe to the worker (Linux's default limit for
+one pipe): a spill goes into it in one system call instead of sixteen 64 KiB
+turns of the reactor, each copying what is left over in the transport's
+buffer."""
 
 MAX_UNWRITTEN = 4 * SPILL
 """Bytes of one message handed to the worker and not yet written by it.
@@ -251,6 +257,12 @@ class ProcessEngine(ProcessProtocol):
         self.reactor.spawnProcess(self, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"})
 
     def connectionMade(self) -> None:
+        writer = getattr(self.transport, "pipes", {}).get(0)
+        if writer is not None:
+            try:
+                fcntl.fcntl(writer.fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # the system's limit for pipes: the default size works, more slowly
         outbox, self._outbox = self._outbox, []
         if outbox:
             self.transport.write(b"".join(outbox))
@@ -259,21 +271,39 @@ class ProcessEngine(ProcessProtocol):
         requestID = next(self._ids)
         d: Deferred[None] = Deferred()
         self._pending[requestID] = (request, d)
-        frame = fsworker.encodeRequest(requestID, request)
+        parts = fsworker.encodeRequestParts(requestID, request)
         if self.transport is not None and not self._stopping:
-            self._write(frame)
+            self._write(parts)
         else:
-            self._outbox.append(frame)
+            self._outbox.append(b"".join(parts))
         return d
 
-    def _write(self, data: bytes) -> None:
-        # Straight into the pipe: the worker starts on this request while the
-        # reactor is still busy with others.
+    def _write(self, parts: tuple[bytes, ...]) -> None:
+        """
+        Straight into the pipe, with one C{writev} and no copy of the data
+        in this process: the worker starts on this request while the reactor
+        is still busy with others.  What the pipe does not take is buffered
+        by the transport and written as the worker reads, as usual.
+        """
         writer = getattr(self.transport, "pipes", {}).get(0)
         if writer is None:
-            self.transport.write(data)
-        else:
-            writeNow(writer, data, lambda chunk: os.write(writer.fd, chunk))
+            self.transport.write(b"".join(parts))
+            return
+        if not writer.dataBuffer and not writer._tempDataBuffer:
+            try:
+                sent = os.writev(writer.fd, parts)
+            except OSError:
+                sent = 0  # a full pipe, or an error the transport's own write reports
+            rest: list[bytes] = []
+            for part in parts:
+                if sent >= len(part):
+                    sent -= len(part)
+                else:
+                    rest.append(part[sent:] if sent else part)
+                    sent = 0
+            parts = tuple(rest)
+        if parts:
+            writer.writeSequence(parts)
 
     def outReceived(self, data: bytes) -> None:
         for requestID, error in self._decoder.feed(data):

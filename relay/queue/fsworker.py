@@ -684,6 +684,11 @@ _REPLY = struct.Struct("!IiI")  # request id, errno (0 ok, -1 not an OSError), l
 
 
 def encodeRequest(requestID: int, request: Request) -> bytes:
+    return b"".join(encodeRequestParts(requestID, request))
+
+
+def encodeRequestParts(requestID: int, request: Request) -> tuple[bytes, bytes, bytes]:
+    """One request's frame in three pieces (header and queue id, data, payload), to be written as they are."""
     qid = request.queueID.encode("ascii")
     header = _REQUEST.pack(
         requestID,
@@ -696,7 +701,7 @@ def encodeRequest(requestID: int, request: Request) -> bytes:
         len(request.data),
         len(request.payload),
     )
-    return b"".join((header, qid, request.data, request.payload))
+    return header + qid, request.data, request.payload
 
 
 def encodeReply(requestID: int, error: Error | None) -> bytes:
@@ -708,27 +713,46 @@ def encodeReply(requestID: int, error: Error | None) -> bytes:
 
 
 class RequestDecoder:
+    """
+    Frames from the relay, read in pieces of any size.  The pieces of a frame
+    that is not complete yet are kept apart and joined once, when the last
+    one arrives: a large append read in many pieces is not copied again at
+    each of them.
+    """
+
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._pieces: list[bytes] = []
+        self._held = 0  # octets in self._pieces
+        self._wanted = _REQUEST.size  # octets needed before the next frame can be decoded
 
     def feed(self, data: bytes) -> list[tuple[int, Request]]:
-        self._buffer += data
+        if self._pieces:
+            self._pieces.append(data)
+            self._held += len(data)
+            if self._held < self._wanted:
+                return []
+            data = b"".join(self._pieces)
+            self._pieces, self._held = [], 0
         out: list[tuple[int, Request]] = []
-        buffer, offset = self._buffer, 0
-        while len(buffer) - offset >= _REQUEST.size:
+        offset, length = 0, len(data)
+        self._wanted = _REQUEST.size
+        while length - offset >= _REQUEST.size:
             requestID, opcode, generation, qidLength, size, due, flags, dataLength, payloadLength = (
-                _REQUEST.unpack_from(buffer, offset)
+                _REQUEST.unpack_from(data, offset)
             )
             start = offset + _REQUEST.size
             end = start + qidLength + dataLength + payloadLength
-            if len(buffer) < end:
+            if length < end:
+                self._wanted = end - offset
                 break
-            qid = bytes(buffer[start : start + qidLength]).decode("ascii")
-            data = bytes(buffer[start + qidLength : start + qidLength + dataLength])
-            payload = bytes(buffer[start + qidLength + dataLength : end])
-            out.append((requestID, Request(opcode, qid, data, payload, generation, size, due, flags)))
+            qid = data[start : start + qidLength].decode("ascii")
+            body = data[start + qidLength : start + qidLength + dataLength]
+            payload = data[start + qidLength + dataLength : end]
+            out.append((requestID, Request(opcode, qid, body, payload, generation, size, due, flags)))
             offset = end
-        del buffer[:offset]
+        if offset < length:
+            rest = data[offset:] if offset else data
+            self._pieces, self._held = [rest], len(rest)
         return out
 
 
