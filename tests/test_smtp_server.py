@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import socket
 
 import pytest
 from smtphelpers import Session
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
 
 from relay import verdict
@@ -14,6 +17,7 @@ from relay.delivery.maildir import MaildirBackend
 from relay.delivery.router import Router
 from relay.plugin import runInline
 from relay.queue.memory import MemoryQueueStore
+from relay.smtp import server as serverModule
 from relay.smtp.server import SMTPServer
 
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
@@ -580,8 +584,6 @@ def test_an_authenticated_clients_dsn_requests_are_kept_as_asked():
 
 
 def test_a_store_behind_the_client_pauses_reading_until_it_catches_up():
-    from twisted.internet.defer import Deferred
-
     session = Session(client="127.0.0.1")
     caughtUp: Deferred[None] = Deferred()
     begin = session.store.begin
@@ -599,3 +601,27 @@ def test_a_store_behind_the_client_pauses_reading_until_it_catches_up():
     assert session.transport.producerState == "producing"
     session.send(b".\r\n")
     assert session.accepted
+
+
+def test_a_large_message_is_read_in_large_pieces():
+    # Twisted's own TCP transport on a real socket pair, driven by hand: one
+    # read takes up to READ_SIZE octets, not Twisted's default of 64 KiB.
+    s = Session()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    for sock in (ours, theirs):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    protocol = s.factory.buildProtocol(None)
+    seen: list[int] = []
+    received = protocol.dataReceived
+    protocol.dataReceived = lambda data: (seen.append(len(data)), received(data))[1]
+    try:
+        transport = tcp.Server(ours, protocol, ("192.0.2.10", 40000), None, 1, MemoryReactorClock())
+        protocol.makeConnection(transport)
+        theirs.sendall(b"x" * 200_000)
+        transport.doRead()
+        assert seen == [200_000] and serverModule.READ_SIZE >= 200_000
+    finally:
+        ours.close()
+        theirs.close()
