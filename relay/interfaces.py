@@ -194,9 +194,15 @@ class IQueueStore(Interface):
         discarded; a damaged message is set aside with a log line, never
         deleted silently.  It must not need to read every queued message.
 
+        No client is answered until it has fired, so it should do only what
+        must happen before the first 250, in a time that does not grow with
+        the queue.
+
         @return: a Deferred firing with the number of committed messages in
-            the queue.  It fails if the queue cannot be used; start-up then
-            stops, rather than accepting mail it may be unable to keep.
+            the queue if that costs nothing (a store in memory, a database
+            that keeps it), or with C{None}: the scheduler's first L{scan}
+            then counts it.  It fails if the queue cannot be used; start-up
+            then stops, rather than accepting mail it may be unable to keep.
         """
 
     def scan(before, limit, exclude):

@@ -106,7 +106,7 @@ class RelayService(MultiService):
         d.addErrback(self._startFailed)
         self.recovery = d
 
-    def _recovered(self, count: int) -> None:
+    def _recovered(self, count: int | None) -> None:
         if not self.running:
             return  # stopped while recovering
         self.scheduler.recovered(count)

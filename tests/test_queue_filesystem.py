@@ -116,8 +116,14 @@ def queueOne(store: FilesystemQueueStore, data: bytes = DATA) -> Envelope:
 
 
 def files(path: Path) -> list[str]:
-    """The files of the queue at C{path}, its lock left out."""
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != "lock")
+    """The files of the queue at C{path}, its lock and format mark left out."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name not in ("lock", "format"))
+
+
+def recovered(store: FilesystemQueueStore) -> int:
+    """A start: recovery (which counts nothing), then the first scan, which counts (and tidies)."""
+    assert result(store.recover()) is None
+    return result(store.scan(2e9, 0, ())).total
 
 
 def load(store: FilesystemQueueStore, queueID: str) -> Envelope:
@@ -203,7 +209,7 @@ def test_one_file_data_envelope_footer(tmp_path, make):
     assert json.loads(raw[len(DATA) : len(DATA) + envelopeLength]) == envelope.toJSON()
     assert zlib.crc32(raw[:-4]) == crc
     again = reopen(store, make)
-    assert result(again.recover()) == 1
+    assert recovered(again) == 1
     assert load(again, queueID) == envelope
     with again.openData(queueID) as f:
         assert f.read() == DATA
@@ -236,7 +242,7 @@ def test_a_file_that_does_not_check_out_is_set_aside(tmp_path, make, damage, rea
     )
     assert [queueID for _, queueID in result(store.scan(2e9, 10, ())).due] == [good.queue_id]
     with logged() as log:
-        assert result(reopen(store, make).recover()) == 1
+        assert recovered(reopen(store, make)) == 1
     assert any("1 damaged messages are set aside" in t for t in log.texts()), log.texts()
 
 
@@ -341,6 +347,33 @@ def test_a_damaged_record_in_the_middle_keeps_the_state_before_it(tmp_path, make
     raw[first + RECORD.size + 5] ^= 0xFF  # inside the second record
     journal.write_bytes(bytes(raw))
     assert load(store, envelope.queue_id).recipients[0].attempts == 1
+
+
+def test_another_message_s_journal_records_in_a_journal_are_not_its_state(tmp_path, make):
+    """
+    After a power cut, an append that was not synced may show a freed file's
+    bytes (ext4 data=writeback; the power-loss test's stale mode): whole
+    records of another message's journal.  They end the journal as a torn
+    record does; the message is neither set aside (its recipients would never
+    get it) nor given another's state.
+    """
+    store = make(tmp_path)
+    envelope, other = queueOne(store), queueOne(store)
+    for message in (envelope, other):
+        message.recipients[0].attempts = 7
+        result(store.update(message))
+    messages = tmp_path / "messages"
+    foreign = (messages / f"{other.queue_id}.state").read_bytes()
+    journal = messages / f"{envelope.queue_id}.state"
+    journal.write_bytes(foreign)  # the first append never synced: nothing of its own
+    loaded = load(store, envelope.queue_id)
+    assert loaded.recipients[0].attempts == 0  # the state at commit stands
+    envelope.recipients[0].attempts = 8
+    result(store.update(envelope))  # and the next update rewrites the journal
+    assert load(store, envelope.queue_id).recipients[0].attempts == 8
+    journal.write_bytes(journal.read_bytes() + foreign)  # a later append never synced
+    assert load(store, envelope.queue_id).recipients[0].attempts == 8
+    assert not list(messages.glob("*.damaged"))
 
 
 def test_journal_is_compacted(tmp_path, make, monkeypatch):
@@ -491,7 +524,7 @@ def test_commit_failure_at_sync_keeps_nothing(tmp_path, make, monkeypatch, where
     assert calls
     monkeypatch.undo()
     assert files(tmp_path) == []
-    assert result(reopen(store, make).recover()) == 0
+    assert recovered(reopen(store, make)) == 0
 
 
 def test_commit_checks_the_stored_size(tmp_path, make):
@@ -519,7 +552,7 @@ def test_commit_failure_when_messages_is_not_a_directory(tmp_path, make):
     with pytest.raises(OSError):
         result(store.recover())  # the queue cannot be used: start-up stops
     (tmp_path / "messages").unlink()
-    assert result(reopen(store, make).recover()) == 0
+    assert recovered(reopen(store, make)) == 0
 
 
 def test_commit_twice_or_with_foreign_envelope_fails(tmp_path, make):
@@ -563,7 +596,7 @@ def test_buffered_enospc_fails_commit(tmp_path, make, monkeypatch):
     incoming.abort()
     monkeypatch.undo()
     assert files(tmp_path) == []
-    assert result(reopen(store, make).recover()) == 0
+    assert recovered(reopen(store, make)) == 0
 
 
 def test_small_message_touches_no_file_before_commit(tmp_path, make):
@@ -586,7 +619,7 @@ def test_large_message_spills_to_incoming_then_commits(tmp_path, make):
     envelope = envelopeFor(incoming.queue_id)
     result(incoming.commit(envelope))
     store = reopen(store, make)
-    assert result(store.recover()) == 1
+    assert recovered(store) == 1
     assert load(store, envelope.queue_id) == envelope
     with store.openData(envelope.queue_id) as f:
         assert f.read() == b"".join(chunks)
@@ -705,23 +738,152 @@ def test_bad_queue_id_is_refused(tmp_path, make):
 # -- recovery ----------------------------------------------------------------------
 
 
-def test_recovery_tidies_by_name_alone(tmp_path, make, monkeypatch):
+def listed(monkeypatch, path: Path) -> list:
+    """The listings of the directory C{path} (by C{os.scandir} or C{os.listdir}) from now on."""
+    calls: list = []
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+
+        def spy(*args, real=real):
+            if args and Path(args[0]) == path:
+                calls.append(args)
+            return real(*args)
+
+        monkeypatch.setattr(os, name, spy)
+    return calls
+
+
+def test_recovery_tidies_incoming_and_leaves_messages_to_the_first_scan(tmp_path, make, monkeypatch):
+    """
+    Recovery must not grow with the queue: it lists incoming/ only; the
+    first scan, which lists messages/ anyway, removes the journals of
+    removed messages and counts those set aside; later scans do neither.
+    """
     store = make(tmp_path)
-    kept, removed = queueOne(store), queueOne(store)
+    assert result(store.recover()) is None  # the queue is marked: no later start lists messages/
+    kept, removed, other = queueOne(store), queueOne(store), queueOne(store)
     result(store.update(removed))
     messages, incoming = tmp_path / "messages", tmp_path / "incoming"
     (messages / removed.queue_id).unlink()  # a removal whose second unlink did not become durable
+    (messages / f"{other.queue_id}.state.new").write_bytes(b"a rewrite, then the message removed")
+    (messages / other.queue_id).unlink()
     (messages / f"{kept.queue_id}.state.new").write_bytes(b"half a rewrite")
+    (messages / "0000000000001aaaaaa.damaged").write_bytes(b"set aside earlier")
     (incoming / "0123456789abcdef000").write_bytes(b"a message being received")
     (incoming / kept.queue_id).hardlink_to(messages / kept.queue_id)  # a rename whose source removal was lost
     store = reopen(store, make)
     reads = countCalls(monkeypatch, fsworker, "readFooter")
+    listings = listed(monkeypatch, store.messagesPath)
     with logged() as log:
-        assert result(store.recover()) == 1
-    assert reads == []  # no message read
-    assert files(tmp_path) == [f"messages/{kept.queue_id}"]
+        assert result(store.recover()) is None
+    assert listings == [] and reads == []  # messages/ not listed, no message read
+    assert files(tmp_path) == sorted(
+        [
+            f"messages/{kept.queue_id}",
+            f"messages/{kept.queue_id}.state.new",
+            f"messages/{removed.queue_id}.state",
+            f"messages/{other.queue_id}.state.new",
+            "messages/0000000000001aaaaaa.damaged",
+        ]
+    )
     assert any("discarded 2 uncommitted files" in t for t in log.texts()), log.texts()
+    with logged() as log:
+        scan = result(store.scan(2e9, 10, ()))
+    assert (scan.total, [queueID for _, queueID in scan.due]) == (1, [kept.queue_id])
+    assert reads == []
+    # A live message's unfinished rewrite stays (the worker may be writing
+    # it now; its next rewrite truncates it, and it goes once its message has).
+    assert files(tmp_path) == sorted(
+        [f"messages/{kept.queue_id}", f"messages/{kept.queue_id}.state.new", "messages/0000000000001aaaaaa.damaged"]
+    )
+    assert any("removed 2 journals of removed messages" in t for t in log.texts()), log.texts()
+    assert any("1 damaged messages are set aside" in t for t in log.texts()), log.texts()
+    (messages / f"{removed.queue_id}.state").write_bytes(b"")
+    with logged() as log:
+        assert result(store.scan(2e9, 10, ())).total == 1
+    assert log.texts() == [] and (messages / f"{removed.queue_id}.state").exists()  # tidied at the next start
     assert load(store, kept.queue_id) == kept
+
+
+def test_recovery_marks_a_new_queue_durably_and_refuses_another_format(tmp_path, make, monkeypatch):
+    synced = countCalls(monkeypatch, filesystem, "fsyncDirectory")
+    store = make(tmp_path / "q")
+    assert not (tmp_path / "q" / "format").exists()
+    assert result(store.recover()) is None
+    assert (tmp_path / "q" / "format").read_text() == "2\n"
+    assert not (tmp_path / "q" / "format.new").exists()
+    assert Path(synced[-1][0]) == tmp_path / "q"  # the mark's name made durable
+    (tmp_path / "q" / "format").write_bytes(b"\0\0")  # as a lax file system may show it after a cut: no mark
+    store = reopen(store, make)
+    assert result(store.recover()) is None
+    assert (tmp_path / "q" / "format").read_text() == "2\n"
+    (tmp_path / "q" / "format").write_text("3\n")  # a newer version's queue: not ours to touch
+    store = reopen(store, make)
+    queued = queueOne(store)
+    with pytest.raises(ValueError, match="marked as format '3'"):
+        result(store.recover())
+    assert files(tmp_path / "q") == [f"messages/{queued.queue_id}"]
+
+
+def test_a_marked_queue_with_spare_is_converted_again(tmp_path, make):
+    """spare/ means an older version has used the queue since its conversion: convert what it left."""
+    queue = tmp_path / "queue"
+    store = make(queue)
+    assert recovered(store) == 0
+    (queue / "spare").mkdir()
+    old = oldFormat(queue / "messages", "0000000000001aaaaaa", DATA)
+    store = reopen(store, make)
+    with logged() as log:
+        assert recovered(store) == 1
+    assert any("converted 1 messages" in t for t in log.texts()), log.texts()
+    assert not (queue / "spare").exists()
+    assert load(store, old.queue_id) == old
+
+
+def test_an_unmarked_queue_of_this_format_is_marked_without_being_read(tmp_path, make, monkeypatch):
+    """A queue made before the mark existed: listed once, nothing read, then marked."""
+    store = make(tmp_path)
+    envelope = queueOne(store)  # committed without a recovery: no mark yet
+    assert not (tmp_path / "format").exists()
+    store = reopen(store, make)
+    reads = countCalls(monkeypatch, fsworker, "readFooter")
+    assert recovered(store) == 1
+    assert reads == [] and (tmp_path / "format").exists()
+    assert load(store, envelope.queue_id) == envelope
+
+
+def test_scan_memory_is_bounded_by_its_limit(tmp_path, make):
+    """A queue of any size: the scan keeps the earliest C{limit} due entries, not a list of the queue."""
+    import tracemalloc
+
+    store = make(tmp_path)
+    result(store.recover())
+    messages = tmp_path / "messages"
+    count = 20_000
+    base = 1_700_000_000 * 10**9
+    names = [f"{i:013x}{0:06x}" for i in range(count)]
+    order = list(range(count))
+    order = order[1::2] + order[::2]  # not in due order on disk
+    for i in order:
+        fd = os.open(messages / names[i], os.O_WRONLY | os.O_CREAT, 0o600)
+        os.utime(fd, ns=(base + i * 10**6, base + i * 10**6))
+        os.close(fd)
+    exclude = frozenset(names[:3])
+    tracemalloc.start()
+    try:
+        scan = result(store.scan(2e9, 10, exclude))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert scan.total == count
+    assert [queueID for _, queueID in scan.due] == names[3:13]
+    assert scan.due[0][0] == (base + 3 * 10**6) / 1e9
+    assert scan.later == (base + 13 * 10**6) / 1e9
+    assert peak < 256 * 1024, peak  # a list of every entry takes about 3 MB
+    # Due later than C{before}, or past a zero limit: left out, the earliest noted.
+    assert [q for _, q in result(store.scan((base + 5.5 * 10**6) / 1e9, 100, exclude)).due] == names[3:6]
+    counted = result(store.scan(2e9, 0, ()))
+    assert (counted.due, counted.total, counted.later) == ([], count, base / 1e9)
 
 
 def test_recovery_leaves_this_process_messages_alone(tmp_path, make):
@@ -734,7 +896,7 @@ def test_recovery_leaves_this_process_messages_alone(tmp_path, make):
     result(store.update(committed))
     halfway = store.begin()
     halfway.write(b"y" * (filesystem.SPILL + 1))  # spilled into incoming/
-    assert result(store.recover()) == 2
+    assert recovered(store) == 2
     assert files(tmp_path) == sorted(
         [
             f"incoming/{halfway.queue_id}",
@@ -745,7 +907,7 @@ def test_recovery_leaves_this_process_messages_alone(tmp_path, make):
     )
     result(halfway.commit(envelopeFor(halfway.queue_id)))
     assert result(store.remove(committed.queue_id)) is None
-    assert result(reopen(store, make).recover()) == 2
+    assert recovered(reopen(store, make)) == 2
 
 
 def test_recover_fails_when_the_queue_is_unusable(tmp_path, make):
@@ -782,7 +944,7 @@ def test_upgrade_converts_the_older_format(tmp_path, make):
     (messages / f"{first.queue_id}.json.new").write_text("{")
     store = make(queue)
     with logged() as log:
-        assert result(store.recover()) == 3
+        assert recovered(store) == 3
     assert any("converted 2 messages" in t for t in log.texts()), log.texts()
     assert any("spare/" in t for t in log.texts()), log.texts()
     assert not (queue / "spare").exists()
@@ -801,7 +963,7 @@ def test_upgrade_converts_the_older_format(tmp_path, make):
     # The unreadable one is not delivered (and is set aside when loaded).
     with pytest.raises(ValueError):
         load(store, "0000000000006ffffff")
-    assert result(reopen(store, make).recover()) == 2
+    assert recovered(reopen(store, make)) == 2
 
 
 def test_upgrade_interrupted_after_the_rewrite(tmp_path, make):
@@ -811,7 +973,7 @@ def test_upgrade_interrupted_after_the_rewrite(tmp_path, make):
     envelope = queueOne(store)
     (queue / "messages" / f"{envelope.queue_id}.json").write_text(json.dumps(envelope.toJSON()))
     store = reopen(store, make)
-    assert result(store.recover()) == 1
+    assert recovered(store) == 1
     assert files(queue) == [f"messages/{envelope.queue_id}"]
     assert load(store, envelope.queue_id) == envelope
 
@@ -826,7 +988,7 @@ def test_a_second_store_on_the_same_queue_is_refused(tmp_path, make):
     assert info.value.strerror == f"queue {tmp_path} is in use by another relay (pid {os.getpid()})"
     result(store.stop())
     again = make(tmp_path)  # released at stop
-    assert result(again.recover()) == 0
+    assert recovered(again) == 0
 
 
 def test_lock_is_not_inherited(tmp_path, make):

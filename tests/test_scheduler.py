@@ -581,3 +581,51 @@ def test_hold_keeps_nothing_in_memory_and_never_scans():
     for _ in range(3600):
         clock.advance(1)
     assert (scheduler.held(), scheduler.queued(), scheduler.scans) == (0, 3, 0)
+
+
+def uncounted(store, clock, answers, **kw):
+    """A scheduler started on C{store} whose recovery did not count the queue (recover() fired with None)."""
+    backend = Timed(answers, clock)
+    router = Router(lambda domain: "local", {"local": backend})
+    scheduler = Scheduler(store, router, clock, (60.0,), 86400.0, jitter=0.0, **kw)
+    backend.scheduler = scheduler
+    scheduler.recovered(None)
+    return backend, scheduler
+
+
+def test_a_queue_recovery_did_not_count_is_counted_and_spread_by_the_first_scan():
+    clock = Clock()
+    clock.advance(100_000)
+    start = clock.seconds()
+    store = MemoryQueueStore()
+    due = [stored(store, clock, f"due{i}@x.example", start - 5_000 + i) for i in range(50)]
+    answers = {e.recipients[0].address: [OK] for e in due}
+    with LogLines() as log:
+        backend, scheduler = uncounted(store, clock, answers, recoveryRate=10.0, rng=random.Random(3))
+        assert scheduler.queued() == 0
+        clock.advance(0)
+    assert scheduler.scans == 1 and scheduler.queued() == 50  # the first scan ran at once and counted
+    assert log.matching("recovered") == [
+        "recovered the queue; its first scan counts it",
+        "recovered 50 queued messages",
+    ]
+    for _ in range(60):
+        clock.advance(1)
+    assert store.messages == {} and scheduler.queued() == 0
+    # 50 messages at 10 a second, as if recovery had counted them: spread over 5 seconds.
+    dueTimes = [backend.times[e.queue_id][0] - start for e in due]
+    assert all(0 <= t <= 5 for t in dueTimes), dueTimes
+    assert len({round(t) for t in dueTimes}) >= 4
+
+
+def test_hold_counts_a_queue_recovery_did_not_count_with_one_scan_and_loads_nothing():
+    clock = Clock()
+    clock.advance(100_000)
+    store = MemoryQueueStore()
+    for i in range(3):
+        stored(store, clock, f"held{i}@x.example", clock.seconds())
+    backend, scheduler = uncounted(store, clock, {}, hold=True)
+    scheduler.enqueue(queue(store, clock, "new@x.example"))
+    for _ in range(3600):
+        clock.advance(1)
+    assert (scheduler.held(), scheduler.queued(), scheduler.scans, backend.calls) == (0, 4, 1, [])

@@ -4,6 +4,7 @@ The default queue store: one file per message, written once, never reused.
 Layout under the store's directory::
 
     lock                    flock()ed by the relay using the queue; holds its pid
+    format                  the queue's format (2), once it is in this one
     incoming/<qid>          a message being received (spilled data), or being
                             committed
     messages/<qid>          a committed message: data, envelope JSON, footer
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import io
 import itertools
 import json
@@ -79,6 +81,11 @@ QUEUE_ID = re.compile(r"^[0-9A-Za-z]{1,32}$")
 
 SYNC_MODES = ("fsync",)
 """The values C{[queue] sync} accepts: there is one way to be durable."""
+
+FORMAT = 2
+"""The queue's format, written to L{FORMAT_FILE} once a queue is in it."""
+
+FORMAT_FILE = "format"
 
 SPILL = 256 * 1024
 """Bytes of a message held in memory before they are appended to its incoming
@@ -586,6 +593,8 @@ class FilesystemQueueStore:
         self._ours: set[str] = set()
         # Messages whose journal may end in a torn record: rewritten at their next update.
         self._compact: set[str] = set()
+        # The next scan also tidies what recovery left to it (see _scan).
+        self._tidy = False
         makeDirectories(self.path)
         self._lockFd: int | None = self._lock()
         try:
@@ -700,13 +709,20 @@ class FilesystemQueueStore:
         self._compact.discard(queueID)
         return self.engine.submit(request)
 
-    def recover(self) -> Deferred[int]:
+    def recover(self) -> Deferred[int | None]:
+        """
+        See L{IQueueStore.recover}: fires with C{None}, since counting a
+        large queue would hold up the first 250 (a million messages took
+        3 s); the scheduler's first scan counts it.
+        """
         d = self._blocking(self._recover)
         d.addCallback(self._logged)
+        d.addCallback(lambda _: None)
         return d
 
     def scan(self, before: float, limit: int, exclude: Collection[str]) -> Deferred[QueueScan]:
-        return self._blocking(self._scan, before, limit, exclude)
+        tidy, self._tidy = self._tidy, False
+        return self._blocking(self._scan, before, limit, exclude, tidy).addCallback(self._logged)
 
     def load(self, queueID: str) -> Deferred[Envelope]:
         try:
@@ -728,28 +744,44 @@ class FilesystemQueueStore:
 
     # -- scan and load (in a worker thread) --------------------------------
 
-    def _scan(self, before: float, limit: int, exclude: Collection[str]) -> QueueScan:
+    def _scan(
+        self, before: float, limit: int, exclude: Collection[str], tidy: bool = False
+    ) -> tuple[QueueScan, list[tuple[str, dict[str, Any]]]]:
         """
         Every committed message's due time from its mtime: one C{stat} each,
-        nothing read; memory bounded by C{limit} whatever the queue's size.
+        nothing read.  Names stream from the directory and only the earliest
+        C{limit} due entries are kept (a heap), so memory is bounded by
+        C{limit} whatever the queue's size.
+
+        With C{tidy} (the first scan after L{recover}, which leaves this to
+        it so as not to list the queue before the first 250), it also
+        removes the journals of removed messages and counts those set
+        aside.  Log lines are returned, as L{_recover}'s are.
         """
         total = 0
         later: int | None = None
         cutoff = _nanoseconds(before)
-        kept: list[tuple[int, str]] = []
-
-        def trim() -> None:
-            nonlocal later
-            kept.sort()
-            if len(kept) > limit:
-                first = kept[max(limit, 0)][0]
-                later = first if later is None else min(later, first)
-                del kept[max(limit, 0) :]
-
-        with os.scandir(self.messagesPath) as entries:
+        # A max-heap (due negated) of the earliest due entries so far.
+        heap: list[tuple[int, str]] = []
+        orphans = damaged = 0
+        directory = str(self.messagesPath)
+        with os.scandir(directory) as entries:
             for entry in entries:
                 name = entry.name
                 if not QUEUE_ID.match(name):
+                    if tidy:
+                        queueID, _, suffix = name.partition(".")
+                        if suffix == "damaged":
+                            damaged += 1
+                        elif suffix in ("state", "state.new") and not os.path.lexists(os.path.join(directory, queueID)):
+                            # The journal of a removed message (ids are never
+                            # reused: it can belong to no other); a live
+                            # message's unfinished rewrite stays, the worker
+                            # truncates it at its next one.
+                            try:
+                                orphans += fsworker.unlinkQuietly(entry.path)
+                            except OSError:
+                                pass  # tidied at a later start, then
                     continue
                 try:
                     due = entry.stat().st_mtime_ns
@@ -758,16 +790,24 @@ class FilesystemQueueStore:
                 total += 1
                 if name in exclude:
                     continue
-                if due > cutoff:
-                    later = due if later is None or due < later else later
-                    continue
-                kept.append((due, name))
-                if len(kept) > 2 * limit + 1024:
-                    trim()
-        trim()
-        return QueueScan(
-            [(_seconds(due), name) for due, name in kept], total, None if later is None else _seconds(later)
-        )
+                if due <= cutoff:
+                    if len(heap) < limit:
+                        heapq.heappush(heap, (-due, name))
+                        continue
+                    if heap and due < -heap[0][0]:
+                        due = -heapq.heapreplace(heap, (-due, name))[0]
+                if later is None or due < later:
+                    later = due
+        kept = sorted((-negated, name) for negated, name in heap)
+        notes: list[tuple[str, dict[str, Any]]] = []
+        if orphans:
+            notes.append(("removed {count} journals of removed messages", {"count": orphans}))
+        if damaged:
+            notes.append(
+                ("{count} damaged messages are set aside in messages/ (*.damaged) for an operator", {"count": damaged})
+            )
+        due = [(_seconds(due), name) for due, name in kept]
+        return QueueScan(due, total, None if later is None else _seconds(later)), notes
 
     def _load(self, queueID: str) -> tuple[Envelope, bool] | Damaged:
         """The envelope with its journal's state, and whether the journal was clean; or what is wrong."""
@@ -777,7 +817,7 @@ class FilesystemQueueStore:
             envelope = Envelope.fromJSON(json.loads(raw))
             if envelope.queue_id != queueID:
                 raise Damaged(f"envelope names queue id {envelope.queue_id!r}")
-            payload, clean = fsworker.readJournal(self.messagesPath / fsworker.stateName(queueID))
+            payload, clean = fsworker.readJournal(self.messagesPath / fsworker.stateName(queueID), queueID)
             if payload is not None:
                 _applyState(envelope, payload)
         except FileNotFoundError:
@@ -814,10 +854,15 @@ class FilesystemQueueStore:
 
     # -- recovery (in a worker thread) -------------------------------------
 
-    def _recover(self) -> tuple[int, list[tuple[str, dict[str, Any]]]]:
+    def _recover(self) -> tuple[None, list[tuple[str, dict[str, Any]]]]:
         """
-        Sort out what a previous run left behind, without reading the
-        messages: names alone (and, once, the files of an older version).
+        Only what must happen before the first 250, in a time that does not
+        grow with the queue: take the queue (the lock's pid), check that it
+        can be written, discard what C{incoming/} holds (uncommitted, so few),
+        and, only on a queue not yet marked as this format, convert an older
+        one.  C{messages/} is not listed otherwise: the journals of removed
+        messages and the count of damaged ones are left to the first scan,
+        and the count of messages to the scheduler's scans.
 
         Log lines are returned rather than emitted: this runs in a worker
         thread, and the caller logs from the reactor thread.  Files of
@@ -840,14 +885,15 @@ class FilesystemQueueStore:
             return name.split(".", 1)[0] in self._ours
 
         discarded = 0
-        for entry in os.scandir(self.incomingPath):
-            if ours(entry.name):
-                continue
-            try:
-                os.unlink(entry.path)
-                discarded += 1
-            except IsADirectoryError:
-                notes.append(("unexpected directory {path} left in place", {"path": entry.path}))
+        with os.scandir(self.incomingPath) as entries:
+            for entry in entries:
+                if ours(entry.name):
+                    continue
+                try:
+                    os.unlink(entry.path)
+                    discarded += 1
+                except IsADirectoryError:
+                    notes.append(("unexpected directory {path} left in place", {"path": entry.path}))
         if discarded:
             notes.append(("discarded {count} uncommitted files from incoming/", {"count": discarded}))
 
@@ -856,32 +902,56 @@ class FilesystemQueueStore:
         if old:
             shutil.rmtree(spare)
             notes.append(("removed spare/ (recycled files of an older version)", {}))
+        if old or self._format() != FORMAT:
+            self._upgrade(old, notes)
+        self._tidy = True
+        return None, notes
 
-        names = {name for name in os.listdir(self.messagesPath) if not ours(name)}
-        changed = False
-        if old or any(name.endswith(".json") for name in names):
-            changed = self._convert(names, notes) or changed
-        damaged = 0
-        for name in sorted(names):
-            queueID, dot, suffix = name.partition(".")
-            if not dot:
-                continue
-            if suffix in ("state", "state.new") and queueID not in names:
-                # The journal of a removed message (or of a rewrite that did not finish).
-                fsworker.unlinkQuietly(self.messagesPath / name)
-                changed = True
-            elif suffix == "state.new":
-                fsworker.unlinkQuietly(self.messagesPath / name)
-            elif suffix == "damaged":
-                damaged += 1
-        if damaged:
-            notes.append(
-                ("{count} damaged messages are set aside in messages/ (*.damaged) for an operator", {"count": damaged})
+    def _format(self) -> int | None:
+        """
+        The format the queue is marked as (L{FORMAT_FILE}), C{None} if it is
+        not marked (made by an older version, or never recovered; an empty
+        mark, which a lax file system may show after a power cut, is none).
+        @raise ValueError: a mark this version cannot read: a newer version's
+            queue, which it must not touch.
+        """
+        try:
+            raw = (self.path / FORMAT_FILE).read_bytes().strip(b"\0 \n")
+        except FileNotFoundError:
+            return None
+        if not raw:
+            return None
+        text = raw.decode("ascii", "replace")
+        if text != str(FORMAT):
+            raise ValueError(
+                f"queue {self.path} is marked as format {text!r} in {FORMAT_FILE}; this relay reads format {FORMAT}"
             )
-        if changed:
-            fsyncDirectory(self.messagesPath)
-        count = sum(1 for name in os.listdir(self.messagesPath) if QUEUE_ID.match(name))
-        return count, notes
+        return FORMAT
+
+    def _upgrade(self, old: bool, notes: list[tuple[str, dict[str, Any]]]) -> None:
+        """
+        Once per queue: convert what an older version left in C{messages/},
+        then mark the queue durably as this format, so that no later start
+        lists it.  The names are streamed, and held in memory only when
+        there is something to convert.
+        """
+        with os.scandir(self.messagesPath) as entries:
+            older = old or any(entry.name.endswith((".json", ".json.new")) for entry in entries)
+        if older:
+            names = {name for name in os.listdir(self.messagesPath) if name.split(".", 1)[0] not in self._ours}
+            if self._convert(names, notes):
+                fsyncDirectory(self.messagesPath)
+        # The mark is written only once the conversion is durable: a cut
+        # before it means converting (what is left) again.
+        temporary = self.path / (FORMAT_FILE + ".new")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            fsworker.writeAll(fd, f"{FORMAT}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, self.path / FORMAT_FILE)
+        fsyncDirectory(self.path)
 
     def _convert(self, names: set[str], notes: list[tuple[str, dict[str, Any]]]) -> bool:
         """
@@ -1001,8 +1071,9 @@ class FilesystemQueueStore:
         os.rename(temporary, dataFile)
         fsyncDirectory(self.messagesPath)  # before the old envelope goes
 
-    def _logged(self, outcome: tuple[int, list[tuple[str, dict[str, Any]]]]) -> int:
-        count, notes = outcome
+    def _logged(self, outcome: tuple[Any, list[tuple[str, dict[str, Any]]]]) -> Any:
+        """Log, from the reactor thread, what recovery or a scan found to tidy; their result."""
+        value, notes = outcome
         for message, fields in notes:
             self.log.warn("queue recovery: " + message, **fields)
-        return count
+        return value

@@ -145,6 +145,7 @@ class Scheduler(Service):
         self._diskNext: float | None = None  # the disk may hold a message due then
         self._recovered = False
         self._recoveredAt = 0.0
+        self._counted = True  # False until a scan counts a queue recovery did not
         self._spread = 0.0
         self._scanning = False
         self._scanTimer: Any = None
@@ -178,24 +179,33 @@ class Scheduler(Service):
         self._envelopes[envelope.queue_id] = envelope
         self._push(envelope.queue_id, due)
 
-    def recovered(self, count: int) -> None:
+    def recovered(self, count: int | None) -> None:
         """
-        The store's recovery found C{count} committed messages: fill the
+        The store's recovery found C{count} committed messages (C{None}: it
+        did not count them, the first scan does, even under hold): fill the
         active set from scans.  Messages already due are spread over up to
         C{recoverySpread} seconds, in proportion to C{count}; the others keep
         their stored next attempt.
         """
-        self._stored += count
         self._recovered = True
         self._recoveredAt = self.clock.seconds()
-        self._spread = min(self.recoverySpread, count / self.recoveryRate) if self.recoveryRate > 0 else 0.0
-        self.log.info("recovered {count} queued messages", count=count)
+        if count is None:
+            self._counted = False
+            self.log.info("recovered the queue; its first scan counts it")
+        else:
+            self._countedQueue(count)
         if self.hold:
             self.log.warn("[queue] hold = yes: messages are accepted and queued, none is delivered")
-            return
-        if count:
+        if count is None or count:
             self._noteDisk(self._recoveredAt)
         self._armScan()
+
+    def _countedQueue(self, count: int) -> None:
+        """The queue recovered holds C{count} messages: spread those due over a time in proportion."""
+        self._counted = True
+        self._stored += count
+        self._spread = min(self.recoverySpread, count / self.recoveryRate) if self.recoveryRate > 0 else 0.0
+        self.log.info("recovered {count} queued messages", count=count)
 
     def queued(self) -> int:
         """
@@ -244,7 +254,7 @@ class Scheduler(Service):
         return self._running == 0 and (not self._heap or self._heap[0][0] > now)
 
     def _armScan(self) -> None:
-        if self.hold or self._stopping or self._scanning or not self._recovered:
+        if (self.hold and self._counted) or self._stopping or self._scanning or not self._recovered:
             return
         now = self.clock.seconds()
         earliest = self._notBefore
@@ -271,7 +281,7 @@ class Scheduler(Service):
         self._scanning = True
         self._lastScan = now
         self.scans += 1
-        limit = max(0, self._room())
+        limit = 0 if self.hold else max(0, self._room())  # under hold, a scan only counts
         self._reserved = limit
         self._scanNote = None
         self._gone = set()
@@ -284,6 +294,9 @@ class Scheduler(Service):
         if self._stopping:
             self._scanDone()
             return
+        if not self._counted:
+            self._stored = 0
+            self._countedQueue(scan.total)
         self._stored = scan.total
         self._diskNext = scan.later
         if self._scanNote is not None:
