@@ -7,17 +7,21 @@ timeout, and the file is closed whatever happens.
 from __future__ import annotations
 
 import io
+import socket
 
 import pytest
 from deferred import result
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from relay.envelope import Recipient
+from relay.smtp import client as clientModule
 from relay.smtp.client import (
     BLOCK_TIMEOUT,
     CHUNK,
+    BodySender,
     ClientSettings,
     Outgoing,
     SessionError,
@@ -156,3 +160,45 @@ def test_the_connection_lost_while_sending_closes_the_file_and_defers():
     with pytest.raises(SessionError):
         result(d)
     assert source.wasClosed
+
+
+def test_on_plain_tcp_the_body_goes_straight_into_the_socket_a_few_blocks_a_turn(monkeypatch):
+    # Twisted's own TCP transport on a real socket pair: what the socket takes
+    # is sent at once, no more than DIRECT_PER_TURN octets before the other
+    # connections get a turn of the reactor; then the rest.
+    monkeypatch.setattr(clientModule, "DIRECT_PER_TURN", 3 * 16384)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    clock = Clock()
+    client = SMTPClient(ClientSettings("relay.example.test", clock, TLSPolicy.NONE))
+    transport = tcp.Server(ours, client, ("192.0.2.1", 25), None, 1, MemoryReactorClock())
+    client.makeConnection(transport)
+    blocks = [bytes([65 + i]) * 16384 for i in range(5)]
+
+    def pieces():
+        for block in blocks:
+            yield block, 0
+        yield b"", 1
+
+    sender = BodySender(client, pieces())
+
+    def received() -> bytes:
+        out = b""
+        while True:
+            try:
+                chunk = theirs.recv(1 << 20)
+            except BlockingIOError:
+                return out
+            out += chunk
+
+    try:
+        d = sender.send()
+        assert received() == b"".join(blocks[:3])  # no turn of the reactor yet
+        assert not transport.dataBuffer and not transport._tempDataBuffer and not d.called
+        clock.advance(0)
+        assert received() == b"".join(blocks[3:])
+        assert d.called and sender.replies == 1
+    finally:
+        ours.close()
+        theirs.close()
