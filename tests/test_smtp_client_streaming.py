@@ -202,3 +202,19 @@ def test_on_plain_tcp_the_body_goes_straight_into_the_socket_a_few_blocks_a_turn
     finally:
         ours.close()
         theirs.close()
+
+
+@pytest.mark.parametrize(
+    ("size", "pieces"),
+    [(2000, 1), (CHUNK - 1, 1), (CHUNK, 2), (CHUNK + 1, 2), (2 * CHUNK + CHUNK // 2, 3)],
+)
+def test_the_end_marker_goes_with_the_last_block(size, pieces):
+    # Alone, the marker's few octets would wait for the next hop's delayed
+    # ACK (Nagle): one piece for a body under a block, and no extra piece for
+    # the marker unless the body ends exactly at a block's end.
+    body = (b"x" * 78 + b"\r\n") * (size // 80 + 1)
+    body = body[: size - 2] + b"\r\n"
+    sent = list(clientModule._dotStuffed(io.BytesIO(body)))
+    assert b"".join(sent) == body + b".\r\n"
+    assert len(sent) == pieces
+    assert sent[-1].endswith(b"\r\n.\r\n") or sent[-1] == b".\r\n"

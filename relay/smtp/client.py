@@ -591,10 +591,24 @@ async def _unwantedData(client: SMTPClient) -> None:
 
 
 def _dotStuffed(source: BinaryIO) -> Iterator[bytes]:
-    """The DATA payload: the body with dots stuffed and line endings made CRLF, then the end marker."""
+    """
+    The DATA payload: the body with dots stuffed and line endings made CRLF,
+    then the end marker, which goes with the last block.  Sent on its own,
+    the few octets of the marker would wait for the next hop's delayed ACK of
+    the block before them (Nagle's algorithm): some 40 ms per message.  A
+    short block is taken to be the last one (one more read confirms it), so
+    no second block is held to find out.
+    """
     writer = DotWriter()
-    while chunk := source.read(CHUNK):
-        yield writer.feed(chunk)
+    chunk = source.read(CHUNK)
+    while chunk:
+        piece = writer.feed(chunk)
+        following = source.read(CHUNK) if len(chunk) < CHUNK else None
+        if following == b"":
+            yield piece + writer.end()
+            return
+        yield piece
+        chunk = following if following is not None else source.read(CHUNK)
     yield writer.end()
 
 
