@@ -320,3 +320,31 @@ def test_real_worker_killed_among_commits_leaves_exactly_the_answered_ones(tmp_p
         assert outcome["incoming"] == []
         failed += outcome["failed"]
     assert failed > 0  # the kills did land among commits
+
+
+def test_appends_start_their_write_back_at_once(tmp_path, monkeypatch):
+    # A large message's spills head for the disk while the rest arrives; only
+    # the commit's fsync makes them durable, and it still runs.
+    started: list[tuple[int, int]] = []
+    real = fsworker.startWriteBack
+    monkeypatch.setattr(fsworker, "startWriteBack", lambda fd, offset, length: started.append((offset, length)))
+    synced: list[int] = []
+    monkeypatch.setattr(fsworker, "fsyncFile", lambda fd: synced.append(fd))
+    for name in ("incoming", "messages"):
+        (tmp_path / name).mkdir()
+    files = QueueFiles(tmp_path, threads=1)
+    errors = files.run(
+        [
+            Request(APPEND, "q1", b"a" * 1000, generation=1),
+            Request(APPEND, "q1", b"b" * 500, generation=1),
+            Request(COMMIT, "q1", b"c", b"{}", generation=1, size=1501),
+        ]
+    )
+    assert errors == [None, None, None]
+    assert started == [(0, 1000), (1000, 500)]
+    assert len(synced) == 1
+    fd = os.open(tmp_path / "messages" / "q1", os.O_RDONLY)
+    try:
+        real(fd, 0, 1501)  # the real call on a real file: no error
+    finally:
+        os.close(fd)
