@@ -221,13 +221,19 @@ def record(payload: bytes) -> bytes:
     return RECORD.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def readJournal(path: Path) -> tuple[bytes | None, bool]:
+def readJournal(path: Path, queueID: str | None = None) -> tuple[bytes | None, bool]:
     """
     The last valid record of a journal, and whether the journal was clean
     (nothing after it): a torn last record (an append a crash cut short) is
     ignored, the state before it stands.  C{None} when there is no journal or
     no valid record.
+
+    With C{queueID}, a record that is not that message's ends the journal as
+    a torn one does: after a power cut a file system may show, where an
+    append was not yet synced, the bytes of a freed file, whole records of
+    another message's journal among them (ext4 data=writeback).
     """
+    own = None if queueID is None else b'{"queue_id":"' + queueID.encode() + b'"'
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -240,6 +246,8 @@ def readJournal(path: Path) -> tuple[bytes | None, bool]:
         start = offset + RECORD.size
         payload = raw[start : start + length]
         if magic != RECORD_MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
+            break
+        if own is not None and not payload.startswith(own):
             break
         last = payload
         offset = start + length
