@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from common import RELAY_BASE, RelayProcess, freePort, relayEnvironment, rss, workDirectory
+from postfixpeer import alive, children
 
 CONFIG = (
     RELAY_BASE
@@ -155,26 +156,6 @@ def firstAcceptance(port: int, since: float, timeout: float = 120.0) -> float:
             last = e
         time.sleep(0.01)
     raise SystemExit(f"no 250 within {timeout:.0f} s of the start: {last}")
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def memory(pid: int, seconds: float) -> tuple[int, int, int]:

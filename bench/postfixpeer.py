@@ -85,7 +85,7 @@ def checkAvailable() -> None:
         raise Unavailable("there is no user postfix (Debian's postfix package creates it)") from None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether C{pid} is a process that has not exited (a zombie has)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -94,7 +94,8 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The processes whose parent is C{pid}."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -112,11 +113,11 @@ def _waitGone(pids: list[int], timeout: float) -> list[int]:
     """Wait until none of C{pids} is alive; those still alive after C{timeout}."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        left = [pid for pid in pids if _alive(pid)]
+        left = [pid for pid in pids if alive(pid)]
         if not left:
             return []
         time.sleep(0.05)
-    return [pid for pid in pids if _alive(pid)]
+    return [pid for pid in pids if alive(pid)]
 
 
 def _signal(pids: list[int], number: int) -> None:
@@ -210,11 +211,11 @@ class PostfixPeer:
                 master = int(pidFile.read_text().split()[0])
             except (OSError, ValueError, IndexError):
                 return
-        if not _alive(master):
+        if not alive(master):
             return
-        children = _children(master)
+        daemons = children(master)
         _signal([master], signal.SIGTERM)
-        left = _waitGone([master, *children], 20)
+        left = _waitGone([master, *daemons], 20)
         if left:
             _signal(left, signal.SIGKILL)
             left = _waitGone(left, 10)
