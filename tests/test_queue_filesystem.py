@@ -1066,7 +1066,7 @@ class FakeWorker:
     """
 
     def __init__(self, engine: ProcessEngine, path: Path, generation: int) -> None:
-        self.engine, self.files = engine, QueueFiles(path, generation, threads=1)
+        self.engine, self.files = engine, QueueFiles(path, generation)
         self.decoder = fsworker.RequestDecoder()
         self.dieBeforeAnswering = False
         self.requests: list = []

@@ -80,7 +80,6 @@ def served(tmp_path: Path, frames: list) -> list:
     os.close(toWorker)
     worker.join(timeout=30)
     assert not worker.is_alive()
-    files.close()
     os.close(toRelay)
     out = b""
     while chunk := os.read(fromWorker, 65536):
@@ -143,29 +142,45 @@ def test_serve_reports_errors_per_request(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "incoming") == []
 
 
-def test_fsyncs_of_a_batch_run_in_parallel(tmp_path, monkeypatch):
-    """The files of one batch are fsynced by several threads at once, then the directory once."""
+def test_a_batch_starts_every_write_back_then_fsyncs_each_file_then_the_directory(tmp_path, monkeypatch):
+    """
+    Group commit: the write-back of all the batch's files starts before the
+    first fsync (so one journal commit can carry them all), every file is
+    fsynced, and messages/ once, after the last file and before any reply.
+    """
     (tmp_path / "incoming").mkdir()
     (tmp_path / "messages").mkdir()
-    files = QueueFiles(tmp_path, threads=4)
-    running, most = [0], [0]
-    lock = threading.Lock()
-
-    def slowSync(fd):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.05)
-        with lock:
-            running[0] -= 1
-
-    monkeypatch.setattr(fsworker, "fsyncFile", slowSync)
-    started = time.monotonic()
+    files = QueueFiles(tmp_path)
+    events: list[tuple[str, object]] = []
+    monkeypatch.setattr(fsworker, "startWriteBack", lambda fd, offset=0, length=None: events.append(("start", fd)))
+    monkeypatch.setattr(fsworker, "fsyncFile", lambda fd: events.append(("fsync", fd)))
+    monkeypatch.setattr(fsworker, "fsyncDirectory", lambda path: events.append(("directory", Path(path).name)))
     errors = files.run([Request(COMMIT, f"q{i}", b"data", b"{}", size=4) for i in range(8)])
-    files.close()
     assert errors == [None] * 8
-    assert most[0] == 4
-    assert time.monotonic() - started < 8 * 0.05
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["start"] * 8 + ["fsync"] * 8 + ["directory"]
+    assert [fd for kind, fd in events if kind == "start"] == [fd for kind, fd in events if kind == "fsync"]
+    assert len({fd for kind, fd in events if kind == "fsync"}) == 8
+    assert events[-1] == ("directory", "messages")
+    assert sorted(os.listdir(tmp_path / "messages")) == [f"q{i}" for i in range(8)]
+
+
+def test_a_failed_fsync_fails_its_own_message_only(tmp_path, monkeypatch):
+    (tmp_path / "incoming").mkdir()
+    (tmp_path / "messages").mkdir()
+    files = QueueFiles(tmp_path)
+    calls = [0]
+
+    def sync(fd):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fsworker, "fsyncFile", sync)
+    errors = files.run([Request(COMMIT, f"q{i}", b"data", b"{}", size=4) for i in range(3)])
+    assert errors[0] is None and errors[2] is None
+    assert errors[1][0] == errno.EIO
+    assert sorted(os.listdir(tmp_path / "messages")) == ["q0", "q2"]
 
 
 def alive(pid: int) -> bool:
@@ -327,12 +342,12 @@ def test_appends_start_their_write_back_at_once(tmp_path, monkeypatch):
     # the commit's fsync makes them durable, and it still runs.
     started: list[tuple[int, int]] = []
     real = fsworker.startWriteBack
-    monkeypatch.setattr(fsworker, "startWriteBack", lambda fd, offset, length: started.append((offset, length)))
+    monkeypatch.setattr(fsworker, "startWriteBack", lambda fd, offset=0, length=None: started.append((offset, length)))
     synced: list[int] = []
     monkeypatch.setattr(fsworker, "fsyncFile", lambda fd: synced.append(fd))
     for name in ("incoming", "messages"):
         (tmp_path / name).mkdir()
-    files = QueueFiles(tmp_path, threads=1)
+    files = QueueFiles(tmp_path)
     errors = files.run(
         [
             Request(APPEND, "q1", b"a" * 1000, generation=1),

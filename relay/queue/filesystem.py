@@ -214,7 +214,6 @@ class ThreadEngine:
                 d.errback(Failure(_error(outcome[i])))
 
     def stop(self) -> None:
-        self.files.close()
         if self.files.changes:
             self.log.info("{line}", line=self.files.statistics())
 

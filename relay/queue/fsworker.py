@@ -39,7 +39,6 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -62,10 +61,6 @@ RECORD_MAGIC = b"RLYS"
 
 COMPACT_AT = 8 * 1024
 """A journal longer than this is rewritten (one record) at the next update."""
-
-SYNC_THREADS = 4
-"""Threads that fsync the files of one batch at once: a file system commits
-concurrent fsyncs of new files in one journal transaction."""
 
 MAX_QUEUE_ID = 32
 
@@ -110,15 +105,16 @@ except (OSError, AttributeError):
     _syncFileRange = None
 
 
-def startWriteBack(fd: int, offset: int, length: int) -> None:
+def startWriteBack(fd: int, offset: int = 0, length: int | None = None) -> None:
     """
     Start writing a range of a file out (C{sync_file_range}, Linux), without
     waiting: a large message's spills are on their way to the disk while the
     rest arrives, and the commit's fsync, which alone makes them durable,
     has less left to do.
     """
-    if _syncFileRange is not None and length > 0:
-        _syncFileRange(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+    if _syncFileRange is not None and (length is None or length > 0):
+        # A length of 0 asks sync_file_range for everything to the end of the file.
+        _syncFileRange(fd, offset, length or 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def create(path: Path) -> int:
@@ -280,7 +276,7 @@ class _Operation:
     """
     One request, done in stages so that a batch shares the expensive parts:
     every operation of a batch is written (L{prepare}), then every file is
-    fsynced, in a few threads at once (L{syncs}), then renamed into place
+    fsynced (L{syncs}; see L{QueueFiles._fsyncAll}), then renamed into place
     (L{publish}); one fsync of C{messages/} covers every name of the batch,
     and L{finish} runs after it.
     """
@@ -548,15 +544,13 @@ class QueueFiles:
     @ivar compact: queue ids whose journal is rewritten at its next update.
     """
 
-    def __init__(self, path: Path, generation: int = 1, threads: int = SYNC_THREADS) -> None:
+    def __init__(self, path: Path, generation: int = 1) -> None:
         self.generation = generation
         self.incoming = Path(path) / "incoming"
         self.messages = Path(path) / "messages"
         self.open: dict[str, _Incoming] = {}
         self.broken: dict[str, BaseException] = {}
         self.compact: set[str] = set()
-        self.threads = threads
-        self._pool: ThreadPoolExecutor | None = None
         self.batches = 0
         self.changes = 0
         self.syncSeconds = 0.0
@@ -568,20 +562,34 @@ class QueueFiles:
         return factory(self, request)
 
     def _fsyncAll(self, work: list[tuple[int, int]]) -> list[BaseException | None]:
-        """fsync each descriptor; the error of each, or None."""
+        """
+        fsync each descriptor; the error of each, or None.
 
-        def one(fd: int) -> BaseException | None:
+        Write-back of every file is started first (C{sync_file_range}, which
+        makes nothing durable and waits for nothing), then each file is
+        fsynced in turn: by the time an fsync runs, its data is on its way,
+        and on a journalled file system (ext4, XFS) the first fsync's journal
+        commit carries the block allocations of all the others, which then
+        have little left to do.  Measured with 20 sessions of 2 KB messages
+        against fsyncs from four threads at once: 1,600-2,000 against
+        1,100-1,480 messages/s on ext4 with a journal, 1,630-1,990 against
+        1,370-1,460 on XFS, 2,320-2,550 against 2,000-2,190 on ext4 without
+        one; with one fsync at a time and no write-back first, 1,100 on ext4
+        with a journal.  No thread hand-offs either: the pool cost eight
+        futex calls per message.
+        """
+        if len(work) > 1:
+            for _, fd in work:
+                startWriteBack(fd)  # a head start only: errors are the fsync's to report
+        errors: list[BaseException | None] = []
+        for _, fd in work:
             try:
                 fsyncFile(fd)
             except OSError as e:
-                return e
-            return None
-
-        if len(work) > 1 and self.threads > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fsync")
-            return list(self._pool.map(one, [fd for _, fd in work]))
-        return [one(fd) for _, fd in work]
+                errors.append(e)
+            else:
+                errors.append(None)
+        return errors
 
     def run(self, requests: list[Request]) -> list[Error | None]:
         """
@@ -688,11 +696,6 @@ class QueueFiles:
             except OSError:
                 pass
         return changed
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
 
     def statistics(self) -> str:
         """One log line: what group commit achieved."""
@@ -858,7 +861,6 @@ def main(argv: list[str]) -> int:
         return 1
     files = QueueFiles(Path(path), generation)
     serve(files, 0, 1, parent=parent)
-    files.close()
     sys.stderr.write(files.statistics() + "\n")
     return 0
 
