@@ -18,7 +18,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface.interface import InterfaceClass
@@ -98,6 +98,15 @@ class RelayService(MultiService):
         self.scheduler = scheduler
         self.onFatal = onFatal
         self.recovery: Deferred[None] | None = None
+        self.logObserver: Any = None
+        """An observer for C{twistd} to log through (see L{relay.logs}), or None for its own."""
+
+    def setServiceParent(self, parent: Any) -> Any:
+        # twistd asks the application for an ILogObserver only after
+        # makeService, so this is where the relay can offer its own.
+        if self.logObserver is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.logObserver)
+        return super().setServiceParent(parent)
 
     def startService(self) -> None:
         Service.startService(self)  # the children start once the queue is known to be usable

@@ -21,11 +21,14 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from relay.config import load
+    from relay.logs import twistdObserver
     from relay.service import buildService
 
     try:
-        return buildService(load(options["config"]), reactor)
+        service = buildService(load(options["config"]), reactor)
     except ConfigError as e:
         # One line, no traceback: the operator fixes the file and starts again.
         sys.stderr.write(f"relay: {e}\n")
         raise SystemExit(2)
+    service.logObserver = twistdObserver(getattr(options, "parent", None), sys.stdout)
+    return service

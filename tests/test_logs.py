@@ -1,0 +1,102 @@
+"""
+The relay's text log observer writes what twistd's own would, byte for byte
+(log shippers and the tests' own log readers depend on the format), and is
+only offered to twistd when twistd would write text to standard output.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import pytest
+from twisted.application.service import Application
+from twisted.logger import ILogObserver, LogLevel, formatEventAsClassicLogText
+from twisted.python.failure import Failure
+
+from relay.logs import SecondStamps, TextLogObserver, twistdObserver
+
+NOW = 1795928436.25  # 2026-11-30T05:00:36Z
+
+EVENTS = [
+    {"log_format": "accepted {queue_id}", "queue_id": "Q1", "log_namespace": "relay.smtp", "log_level": LogLevel.info},
+    {"log_format": "plain", "log_system": "-", "log_time": NOW},
+    {"log_format": "two\nlines", "log_namespace": "n", "log_level": LogLevel.warn},
+    {"log_format": "no namespace"},
+    {"log_format": "{a} and {{braces}}", "a": 1, "log_system": 42},
+    {"log_format": "", "log_namespace": "n"},
+    {"message": ("legacy",), "log_namespace": "n"},
+    {"log_format": "missing {field}"},
+]
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_lines_are_twisteds_own(event):
+    event = dict(event)
+    event.setdefault("log_time", NOW + 0.5)
+    assert TextLogObserver(io.StringIO()).format(event) == formatEventAsClassicLogText(event)
+
+
+def test_a_failure_keeps_its_traceback():
+    try:
+        _ = 1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    event = {"log_format": "it broke", "log_failure": failure, "log_time": NOW, "log_namespace": "n"}
+    line = TextLogObserver(io.StringIO()).format(event)
+    assert line == formatEventAsClassicLogText(event)
+    assert "ZeroDivisionError" in line and line.count("\n\t") > 2
+
+
+def test_observer_writes_and_flushes_each_line():
+    out = io.StringIO()
+    observer = TextLogObserver(out)
+    observer({"log_format": "one", "log_time": NOW, "log_system": "s"})
+    observer({"log_format": "", "log_time": NOW})  # nothing to say: nothing written
+    assert out.getvalue() == formatEventAsClassicLogText({"log_format": "one", "log_time": NOW, "log_system": "s"})
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/St_Johns", "Asia/Kolkata"])
+def test_stamps_follow_the_local_zone_across_a_change_of_daylight_saving_time(zone, monkeypatch):
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        stamps = SecondStamps()
+        # 2026-03-29 01:00 UTC: Europe's clocks go forward; St John's and Kolkata as controls.
+        change = 1774746000
+        for when in (change - 1.5, change - 0.25, change, change + 0.75, change + 3600, NOW):
+            assert stamps(when) == formatEventAsClassicLogText({"log_format": "x", "log_time": when}).split(" ")[0]
+        assert stamps(None) == "-"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert os.environ.get("TZ") is None
+
+
+def test_offered_only_when_twistd_would_write_text_to_standard_output():
+    out = io.StringIO()
+    foreground = {"nodaemon": True, "logfile": None, "syslog": False, "logger": None}
+    assert isinstance(twistdObserver(foreground, out), TextLogObserver)
+    assert isinstance(twistdObserver({**foreground, "logfile": "-"}, out), TextLogObserver)
+    assert twistdObserver({**foreground, "logfile": "/var/log/relay.log"}, out) is None
+    assert twistdObserver({**foreground, "syslog": True}, out) is None
+    assert twistdObserver({**foreground, "logger": "my.observer"}, out) is None
+    assert twistdObserver({**foreground, "nodaemon": False}, out) is None
+    assert twistdObserver(None, out) is None
+
+
+def test_the_relay_service_hands_its_observer_to_the_application():
+    from relay.service import RelayService
+
+    service = RelayService(settings=None, store=None, scheduler=None)
+    application = Application("relay")
+    service.setServiceParent(application)
+    assert application.getComponent(ILogObserver, None) is None  # none offered: twistd's own
+    service.disownServiceParent()
+
+    observer = TextLogObserver(io.StringIO())
+    service.logObserver = observer
+    application = Application("relay")
+    service.setServiceParent(application)
+    assert application.getComponent(ILogObserver, None) is observer
