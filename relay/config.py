@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
@@ -52,10 +52,35 @@ _BOOLEANS = {
 # Sections whose every key is known here.  The _OPEN ones take any key: a
 # route pattern, or an option passed on to the plugin that will check it.
 _KEYS: dict[str, tuple[str, ...]] = {
-    "relay": ("hostname", "postmaster", "state_dir"),
-    "listener": ("endpoint", "tls", "auth", "plaintext_auth", "proxy_protocol"),
+    "relay": ("hostname", "postmaster", "state_dir", "max_sessions"),
+    "listener": (
+        "endpoint",
+        "tls",
+        "auth",
+        "plaintext_auth",
+        "proxy_protocol",
+        "max_sessions_per_client",
+        "max_sessions_per_relay_client",
+        "max_connection_rate",
+        "max_errors",
+        "backlog",
+        "idle_timeout",
+        "command_deadline",
+        "data_deadline",
+        "min_data_rate",
+        "session_deadline",
+    ),
     "tls": ("certificate", "private_key"),
-    "auth": ("passwords",),
+    "auth": (
+        "passwords",
+        "failure_delay",
+        "max_failure_delay",
+        "max_failures",
+        "failure_window",
+        "lockout",
+        "max_bcrypt_cost",
+    ),
+    "threads": ("auth", "dns", "delivery", "validators"),
     "policy": (
         "local_domains",
         "relay_networks",
@@ -82,7 +107,9 @@ _QUEUE_KEYS = (
     "commit_timeout",
 )
 _NAMED = ("listener", "validator", "delivery")
-_KNOWN = "relay, listener:NAME, tls, auth, policy, validator:NAME, queue, delivery:NAME, routes, control, metrics"
+_KNOWN = (
+    "relay, listener:NAME, tls, auth, threads, policy, validator:NAME, queue, delivery:NAME, routes, control, metrics"
+)
 
 
 def parse_duration(text: str) -> float:
@@ -161,6 +188,39 @@ class Listener:
     auth: str = "none"
     plaintext_auth: bool = False
     proxy_protocol: str = "no"
+    # Abuse resistance (issue 13): what one client may take of this listener.
+    max_sessions_per_client: int = 50
+    max_sessions_per_relay_client: int = 500
+    max_connection_rate: int = 120  # per address per minute; 0 = no limit
+    max_errors: int = 20
+    backlog: int = 1024
+    idle_timeout: float = 300.0
+    command_deadline: float = 120.0
+    data_deadline: float = 600.0
+    min_data_rate: int = 1024  # octets per second that extend data_deadline
+    session_deadline: float = 3600.0
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """How hard password guessing is made for one client address ([auth])."""
+
+    failure_delay: float = 1.0
+    max_failure_delay: float = 10.0
+    max_failures: int = 10
+    failure_window: float = 600.0
+    lockout: float = 600.0
+    max_bcrypt_cost: int = 14
+
+
+@dataclass(frozen=True)
+class ThreadSettings:
+    """Threads of each blocking pool ([threads]), so one kind of work cannot take another's."""
+
+    auth: int = 2
+    dns: int = 8
+    delivery: int = 8
+    validators: int = 8
 
 
 @dataclass(frozen=True)
@@ -208,6 +268,9 @@ class Settings:
     control_endpoint: str | None
     metrics_endpoint: str | None
     validator_timeout: float = 30.0
+    max_sessions: int | None = None  # None: auto, from the fd limit (relay.smtp.limits.sessionCap)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    threads: ThreadSettings = field(default_factory=ThreadSettings)
     _table: Mapping[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -396,7 +459,32 @@ def _positive(parse: Callable[[str], float], what: str) -> Callable[[str], float
     return positive
 
 
+def _maxSessions(text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = _count(text)
+    except ValueError:
+        raise ValueError(f"bad value {text.strip()!r} (auto or a whole number)") from None
+    if value < 1:
+        raise ValueError("must be auto or more than zero")
+    return value
+
+
+def _between(low: int, high: int) -> Callable[[str], int]:
+    def between(text: str) -> int:
+        value = _count(text)
+        if not low <= value <= high:
+            raise ValueError(f"{value} is out of range ({low} to {high})")
+        return value
+
+    return between
+
+
 def _listener(r: _Reader, section: str) -> Listener:
+    def positive(key: str, default: str, parse: Callable[[str], float] = _count) -> Any:
+        return r.convert(section, key, default, _positive(parse, key))
+
     listener = Listener(
         name=section.partition(":")[2],
         endpoint=r.endpoint(section),
@@ -404,12 +492,48 @@ def _listener(r: _Reader, section: str) -> Listener:
         auth=r.choice(section, "auth", "none", ("none", "optional", "required")),
         plaintext_auth=r.convert(section, "plaintext_auth", "no", _boolean),
         proxy_protocol=r.choice(section, "proxy_protocol", "no", ("no", "v1", "v2")),
+        max_sessions_per_client=positive("max_sessions_per_client", "50"),
+        max_sessions_per_relay_client=positive("max_sessions_per_relay_client", "500"),
+        max_connection_rate=r.convert(section, "max_connection_rate", "120", _count),
+        max_errors=positive("max_errors", "20"),
+        backlog=r.convert(section, "backlog", "1024", _between(1, 65535)),
+        idle_timeout=positive("idle_timeout", "5m", parse_duration),
+        command_deadline=positive("command_deadline", "2m", parse_duration),
+        data_deadline=positive("data_deadline", "10m", parse_duration),
+        min_data_rate=positive("min_data_rate", "1K", parse_size),
+        session_deadline=positive("session_deadline", "1h", parse_duration),
     )
     if listener.proxy_protocol != "no":
         raise r.error(section, "proxy_protocol", f"{listener.proxy_protocol!r} is not supported yet (use no)")
     if listener.auth == "required" and listener.tls == "none" and not listener.plaintext_auth:
         raise r.error(section, "auth", "required, but AUTH is never offered: set tls or plaintext_auth = yes")
     return listener
+
+
+def _auth(r: _Reader) -> AuthSettings:
+    def get(key: str, default: str, parse: Callable[[str], Any]) -> Any:
+        return r.convert("auth", key, default, parse)
+
+    auth = AuthSettings(
+        failure_delay=get("failure_delay", "1s", parse_duration),
+        max_failure_delay=get("max_failure_delay", "10s", parse_duration),
+        max_failures=get("max_failures", "10", _positive(_count, "max_failures")),
+        failure_window=get("failure_window", "10m", _positive(parse_duration, "failure_window")),
+        lockout=get("lockout", "10m", _positive(parse_duration, "lockout")),
+        max_bcrypt_cost=get("max_bcrypt_cost", "14", _between(4, 31)),
+    )
+    if auth.max_failure_delay < auth.failure_delay:
+        raise r.error("auth", "max_failure_delay", f"less than failure_delay ({auth.failure_delay:g}s)")
+    return auth
+
+
+def _threads(r: _Reader) -> ThreadSettings:
+    def get(key: str, default: str) -> int:
+        return r.convert("threads", key, default, _between(1, 1000))
+
+    return ThreadSettings(
+        auth=get("auth", "2"), dns=get("dns", "8"), delivery=get("delivery", "8"), validators=get("validators", "8")
+    )
 
 
 def _mustExist(r: _Reader, section: str, key: str, path: Path | None, why: str) -> None:
@@ -482,6 +606,7 @@ def load(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = Non
     except AddressError as e:
         raise r.error("relay", "postmaster", f"bad address {postmaster!r}: {e}") from None
     state_dir = r.resolve((r.get("relay", "state_dir") or "var").strip())
+    max_sessions = r.convert("relay", "max_sessions", "auto", _maxSessions)
 
     listeners = tuple(_listener(r, s) for s in r.named("listener"))
     if not listeners:
@@ -570,6 +695,9 @@ def load(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = Non
         control_endpoint=control,
         metrics_endpoint=metrics,
         validator_timeout=validatorTimeout,
+        max_sessions=max_sessions,
+        auth=_auth(r),
+        threads=_threads(r),
     )
     for domain in local_words:
         if settings.route(domain) is None:

@@ -13,7 +13,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.config import Listener, PluginSection, Settings, load, parse_duration, parse_size
+from relay.config import (
+    AuthSettings,
+    Listener,
+    PluginSection,
+    Settings,
+    ThreadSettings,
+    load,
+    parse_duration,
+    parse_size,
+)
 from relay.errors import ConfigError
 
 MINIMAL = """\
@@ -102,6 +111,63 @@ def test_minimal_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert s.metrics_endpoint is None
     assert s.route("localhost") == "local"
     assert s.route("example.test") is None
+    # abuse resistance (issue 13)
+    listener = s.listeners[0]
+    assert (listener.max_sessions_per_client, listener.max_sessions_per_relay_client) == (50, 500)
+    assert (listener.max_connection_rate, listener.max_errors, listener.backlog) == (120, 20, 1024)
+    assert (listener.idle_timeout, listener.command_deadline, listener.data_deadline) == (300, 120, 600)
+    assert (listener.min_data_rate, listener.session_deadline) == (1024, 3600)
+    assert s.max_sessions is None
+    assert s.auth == AuthSettings(1.0, 10.0, 10, 600.0, 600.0, 14)
+    assert s.threads == ThreadSettings(auth=2, dns=8, delivery=8, validators=8)
+
+
+def test_abuse_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        MINIMAL.replace(
+            "[listener:smtp]\n",
+            """[relay]
+max_sessions = 300
+
+[auth]
+failure_delay = 0.5
+max_failure_delay = 4s
+max_failures = 3
+failure_window = 1h
+lockout = 15m
+max_bcrypt_cost = 12
+
+[threads]
+auth = 1
+dns = 16
+delivery = 4
+validators = 2
+
+[listener:smtp]
+max_sessions_per_client = 3
+max_sessions_per_relay_client = 7
+max_connection_rate = 0
+max_errors = 5
+backlog = 4096
+idle_timeout = 30s
+command_deadline = 10s
+data_deadline = 1m
+min_data_rate = 100K
+session_deadline = 2h
+""",
+        ),
+    )
+    s = load(path, base=tmp_path)
+    listener = s.listeners[0]
+    assert (listener.max_sessions_per_client, listener.max_sessions_per_relay_client) == (3, 7)
+    assert (listener.max_connection_rate, listener.max_errors, listener.backlog) == (0, 5, 4096)
+    assert (listener.idle_timeout, listener.command_deadline, listener.data_deadline) == (30, 10, 60)
+    assert (listener.min_data_rate, listener.session_deadline) == (100 * 1024, 7200)
+    assert s.max_sessions == 300
+    assert s.auth == AuthSettings(0.5, 4.0, 3, 3600.0, 900.0, 12)
+    assert s.threads == ThreadSettings(auth=1, dns=16, delivery=4, validators=2)
+    assert load(write(tmp_path, "[relay]\nmax_sessions = Auto\n" + MINIMAL), base=tmp_path).max_sessions is None
 
 
 def test_base_defaults_to_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -564,6 +630,43 @@ def test_error_message_format(tmp_path: Path) -> None:
         ("[control]\nendpoint = tcp:notaport\n", "control", "endpoint", "bad endpoint"),
         ("[control]\n", "control", "endpoint", "required"),
         ("[metrics]\nendpoint = nope:1\n", "metrics", "endpoint", "bad endpoint"),
+        # abuse resistance (issue 13)
+        ("[relay]\nmax_sessions = 0\n", "relay", "max_sessions", "auto or more than zero"),
+        ("[relay]\nmax_sessions = lots\n", "relay", "max_sessions", "auto or a whole number"),
+        ("[relay]\nmax_sessions = -5\n", "relay", "max_sessions", "auto or a whole number"),
+        *(
+            (f"[listener:x]\nendpoint = tcp:1\n{key} = {value}\n", "listener:x", key, fragment)
+            for key, value, fragment in [
+                ("max_sessions_per_client", "0", "more than zero"),
+                ("max_sessions_per_client", "many", "bad number"),
+                ("max_sessions_per_relay_client", "0", "more than zero"),
+                ("max_connection_rate", "-1", "bad number"),
+                ("max_connection_rate", "2/s", "bad number"),
+                ("max_errors", "0", "more than zero"),
+                ("backlog", "0", "out of range (1 to 65535)"),
+                ("backlog", "70000", "out of range"),
+                ("idle_timeout", "0", "more than zero"),
+                ("idle_timeout", "forever", "bad duration"),
+                ("command_deadline", "0s", "more than zero"),
+                ("data_deadline", "1y", "bad duration"),
+                ("min_data_rate", "0", "more than zero"),
+                ("min_data_rate", "1KB/s", "bad size"),
+                ("session_deadline", "0", "more than zero"),
+            ]
+        ),
+        ("[auth]\nfailure_delay = soon\n", "auth", "failure_delay", "bad duration"),
+        ("[auth]\nfailure_delay = 20s\n", "auth", "max_failure_delay", "less than failure_delay (20s)"),
+        ("[auth]\nmax_failures = 0\n", "auth", "max_failures", "more than zero"),
+        ("[auth]\nfailure_window = 0\n", "auth", "failure_window", "more than zero"),
+        ("[auth]\nlockout = 0\n", "auth", "lockout", "more than zero"),
+        ("[auth]\nmax_bcrypt_cost = 3\n", "auth", "max_bcrypt_cost", "out of range (4 to 31)"),
+        ("[auth]\nmax_bcrypt_cost = 32\n", "auth", "max_bcrypt_cost", "out of range"),
+        ("[auth]\nretries = 3\n", "auth", "retries", "allowed: passwords, failure_delay"),
+        ("[threads]\nauth = 0\n", "threads", "auth", "out of range (1 to 1000)"),
+        ("[threads]\ndns = x\n", "threads", "dns", "bad number"),
+        ("[threads]\ndelivery = 1001\n", "threads", "delivery", "out of range"),
+        ("[threads]\nvalidators = -1\n", "threads", "validators", "bad number"),
+        ("[threads]\nsmtp = 4\n", "threads", "smtp", "allowed: auth, dns, delivery, validators"),
     ],
 )
 def test_errors(files: Path, extra: str, section: str | None, key: str | None, fragment: str) -> None:
