@@ -10,10 +10,14 @@ every byte of the handshake, only the socket is simulated.
 from __future__ import annotations
 
 import datetime
+import socket
+import ssl
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trustme
 from certs import PKI, pki  # noqa: F401 -- pki is a fixture, used by name
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,6 +28,7 @@ from service_identity import VerificationError
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -507,3 +512,98 @@ def test_ca_file_with_several_authorities(pki: PKI) -> None:
     otherCert, otherKey = other.issue(HOST)
     assertSucceeds(connect(serverOptions(otherCert, otherKey), clientOptions(HOST, caFile=bundle)))
     assertFails(connect(serverOptions(cert, key), clientOptions(HOST, caFile=bundle)))
+
+
+# -- TLS 1.2 cipher suites, over a real socket on 127.0.0.1 --------------------
+
+
+def _handshake(options: object, cipher: str | None, maximum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2) -> str:
+    """
+    A Python C{ssl} client offering only C{cipher} (at security level 0, so
+    that any refusal is the server's) against a pyOpenSSL server with the
+    context of C{options}, across a real TCP connection; the suite agreed.
+
+    @raise ssl.SSLError: the handshake failed.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            connection, _ = listener.accept()
+            # Blocking (pyOpenSSL uses the descriptor itself); the client's timeout bounds it.
+            connection.settimeout(None)
+            server = SSL.Connection(options.getContext(), connection)  # type: ignore[attr-defined]
+            server.set_accept_state()
+            try:
+                server.do_handshake()
+                server.shutdown()
+            except SSL.Error as e:
+                errors.append(e)
+            finally:
+                connection.close()
+        except BaseException as e:  # noqa: BLE001 -- reported by the test
+            errors.append(e)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.maximum_version = maximum
+        if cipher is not None:
+            context.set_ciphers(f"{cipher}:@SECLEVEL=0")
+        with socket.create_connection(listener.getsockname(), timeout=10) as raw:
+            with context.wrap_socket(raw) as wrapped:
+                agreed = wrapped.cipher()
+                assert agreed is not None
+                return agreed[0]
+    finally:
+        thread.join(10)
+        listener.close()
+        assert not thread.is_alive()
+
+
+# Not forward-secret (RSA key exchange), or not AEAD (CBC with HMAC), or both.
+LEGACY_SUITES = ["AES128-SHA", "AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384"]
+
+
+@pytest.mark.parametrize("cipher", LEGACY_SUITES)
+def test_server_refuses_tls_1_2_suites_without_forward_secrecy_or_aead(pki: PKI, cipher: str) -> None:
+    cert, key = pki.issue(HOST)
+    # The control: the same client and key get through with Twisted's own default list,
+    # except for the RSA key exchange suites an ECDSA key cannot serve at all.
+    options = serverOptions(cert, key)
+    permissive = CertificateOptions(privateKey=options.privateKey, certificate=options.certificate)
+    if cipher.startswith("ECDHE"):
+        assert _handshake(permissive, cipher) == cipher
+    with pytest.raises(ssl.SSLError):
+        _handshake(serverOptions(cert, key), cipher)
+
+
+@pytest.mark.parametrize("cipher", ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"])
+def test_server_accepts_forward_secret_aead_tls_1_2_suites(pki: PKI, cipher: str) -> None:
+    cert, key = pki.issue(HOST)
+    assert _handshake(serverOptions(cert, key), cipher) == cipher
+
+
+def test_server_offers_tls_1_3_as_before(pki: PKI) -> None:
+    cert, key = pki.issue(HOST)
+    assert _handshake(serverOptions(cert, key), None, ssl.TLSVersion.TLSv1_3).startswith("TLS_")
+
+
+def test_rsa_listener_offers_ecdhe_rsa_gcm_only(tmp_path: Path) -> None:
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    leaf = ca.issue_cert(HOST, key_type=trustme.KeyType.RSA)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    assert _handshake(serverOptions(cert, key), "ECDHE-RSA-AES256-GCM-SHA384") == "ECDHE-RSA-AES256-GCM-SHA384"
+    options = serverOptions(cert, key)
+    permissive = CertificateOptions(privateKey=options.privateKey, certificate=options.certificate)
+    for legacy in ("AES128-GCM-SHA256", "ECDHE-RSA-AES128-SHA"):
+        assert _handshake(permissive, legacy) == legacy  # the control: refused below by our list alone
+        with pytest.raises(ssl.SSLError):
+            _handshake(serverOptions(cert, key), legacy)

@@ -6,7 +6,9 @@ another certificate) is found here, when the relay starts, and reported as a
 L{TLSError} naming the key of the C{[tls]} or C{[delivery:NAME]} section; a
 relay that starts must not then fail its first STARTTLS.
 
-Both directions refuse anything older than TLS 1.2.  The client verifies the
+Both directions refuse anything older than TLS 1.2.  Listeners offer TLS 1.2
+clients only forward-secret AEAD suites (the Mozilla "intermediate" profile);
+TLS 1.3 suites are OpenSSL's, all of them both.  The client verifies the
 peer through Twisted's C{optionsForClientTLS}, which checks the hostname with
 C{service_identity} (RFC 6125) rather than OpenSSL's own matching.
 """
@@ -24,6 +26,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory, IReactorTime
 from twisted.internet.ssl import (
+    AcceptableCiphers,
     Certificate,
     CertificateOptions,
     TLSVersion,
@@ -43,6 +46,20 @@ _log = Logger()
 
 # The floor for both directions: TLS 1.0 and 1.1 are deprecated by RFC 8996.
 MINIMUM_VERSION = TLSVersion.TLSv1_2
+
+# What listeners offer a TLS 1.2 client: ECDHE (or DHE) key exchange, so a key
+# stolen later decrypts nothing recorded before, and AEAD ciphers (GCM,
+# ChaCha20-Poly1305), no CBC with its padding oracles.  This is the Mozilla
+# "intermediate" profile (v5.7); every TLS 1.2 client of the last decade has
+# one of these.  The DHE suites are used only with DH parameters, which
+# Twisted sets only when given some, so in practice the ECDHE ones.  TLS 1.3
+# suites are all forward-secret AEAD and are not affected by this list.
+SERVER_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
 
 
 class TLSError(OptionError):
@@ -136,6 +153,10 @@ def serverOptions(certificate: Path, privateKey: Path) -> CertificateOptions:
     intermediates a client needs to reach its trust anchor (the order nginx and
     Postfix expect); the intermediates are sent with every handshake.  Clients
     are not asked for a certificate: SMTP clients authenticate with AUTH.
+
+    TLS 1.2 is offered with L{SERVER_CIPHERS} only.  Outbound connections
+    (L{clientOptions}) keep Twisted's wider list: a next hop that speaks only
+    an older suite would otherwise get the mail in plaintext, which is worse.
     """
     chain = _loadCertificates(certificate, "certificate", "certificate")
     leaf, intermediates = chain[0], chain[1:]
@@ -185,6 +206,7 @@ def serverOptions(certificate: Path, privateKey: Path) -> CertificateOptions:
         certificate=openSSLLeaf,
         extraCertChain=openSSLChain,
         raiseMinimumTo=MINIMUM_VERSION,
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(SERVER_CIPHERS),
     )
 
 
