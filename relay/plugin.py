@@ -34,7 +34,13 @@ class PluginContext:
 
     @ivar reactor: the reactor to schedule on; never import the global one.
     @ivar blocking: C{blocking(f, *args)} runs C{f} in a worker thread and
-        returns a Deferred of its result.
+        returns a Deferred of its result.  Each kind of plugin has a bounded
+        pool of its own (C{[threads]}): validators, delivery backends and the
+        queue store never wait behind each other's work, nor behind password
+        hashing.
+    @ivar dns: like C{blocking}, for DNS lookups: a pool of their own
+        (C{[threads] dns}), so that a slow resolver holds up no file work.
+        When not given, C{blocking}.
     @ivar section: the section the plugin was configured in, for log lines.
     @ivar listening: C{(interface, port)} of every TCP listener of this relay,
         the interface as configured (C{""}, C{"0.0.0.0"} or C{"::"} for every
@@ -54,6 +60,11 @@ class PluginContext:
     blocking: Callable[..., Deferred[Any]] = field(default=runInline)
     listening: tuple[tuple[str, int], ...] = ()
     delivery_timeout: float = 600.0
+    dns: Callable[..., Deferred[Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.dns is None:
+            object.__setattr__(self, "dns", self.blocking)
 
 
 def _pluginsPackage() -> Any:

@@ -20,11 +20,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 from zope.interface.interface import InterfaceClass
 
 from relay import plugin
-from relay.config import Settings
+from relay.config import Settings, ThreadSettings
 from relay.delivery.router import Router
 from relay.errors import ConfigError, OptionError
 from relay.fsutil import makeDirectories
@@ -68,6 +69,60 @@ class Listener(StreamServerEndpointService):
             resume()
 
 
+class Executors:
+    """
+    One bounded thread pool per kind of blocking work ([threads]): password
+    hashing (C{auth}), DNS lookups (C{dns}), delivery backends' file work
+    (C{delivery}) and validators (C{validators}).  A storm of AUTH guesses
+    fills the auth pool and nothing else, so a local delivery or a validator
+    still finds its threads free; a slow resolver holds up no maildir write.
+    The queue store and anything else keep the reactor's own pool
+    (C{general}).  Threads are made on demand, up to each pool's size.
+    """
+
+    KINDS = ("auth", "dns", "delivery", "validators")
+
+    def __init__(self, reactor: Any, threads: ThreadSettings) -> None:
+        self.reactor = reactor
+        self.pools: dict[str, ThreadPool] = {
+            kind: ThreadPool(minthreads=0, maxthreads=getattr(threads, kind), name=f"relay-{kind}")
+            for kind in self.KINDS
+        }
+        self.running = False
+
+    def pool(self, kind: str) -> ThreadPool:
+        """The pool for C{kind}; C{general} is the reactor's own."""
+        if kind == "general":
+            return self.reactor.getThreadPool()
+        return self.pools[kind]
+
+    def runner(self, kind: str) -> Callable[..., Deferred[Any]]:
+        """A C{blocking(f, *args, **kwargs)} that runs in C{kind}'s pool and returns a Deferred."""
+        reactor = self.reactor
+
+        def blocking(f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+            return deferToThreadPool(reactor, self.pool(kind), f, *args, **kwargs)
+
+        return blocking
+
+    def start(self) -> None:
+        """Work handed over before this waits in the pool's queue; it runs now."""
+        if not self.running:
+            self.running = True
+            for pool in self.pools.values():
+                pool.start()
+
+    def stop(self) -> None:
+        """
+        Once nothing hands work over any more: queued work finishes, then
+        every thread ends (each pool joins its threads).
+        """
+        if self.running:
+            self.running = False
+            for pool in self.pools.values():
+                pool.stop()
+
+
 def exitOnFatal(reactor: Any, message: str) -> None:
     """
     Stop the process with a non-zero status and C{message} as one line on
@@ -90,10 +145,16 @@ class RelayService(MultiService):
     log = Logger()
 
     def __init__(
-        self, settings: Settings, store: Any, scheduler: Scheduler, onFatal: Callable[[str], None] | None = None
+        self,
+        settings: Settings,
+        store: Any,
+        scheduler: Scheduler,
+        onFatal: Callable[[str], None] | None = None,
+        executors: Executors | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
+        self.executors = executors
         self.store = store
         self.scheduler = scheduler
         self.onFatal = onFatal
@@ -110,6 +171,8 @@ class RelayService(MultiService):
 
     def startService(self) -> None:
         Service.startService(self)  # the children start once the queue is known to be usable
+        if self.executors is not None:
+            self.executors.start()
         d = maybeDeferred(self.store.recover)
         d.addCallbacks(self._recovered, self._recoveryFailed)
         d.addErrback(self._startFailed)
@@ -139,7 +202,14 @@ class RelayService(MultiService):
         d: Deferred[Any] = DeferredList(stops)
         d.addCallback(lambda _: self._stopBackends())
         d.addCallback(lambda _: self.store.stop())
+        d.addBoth(self._stopExecutors)
         return d
+
+    def _stopExecutors(self, result: Any) -> Any:
+        # Last: the store, backends and listeners hand over no more work.
+        if self.executors is not None:
+            self.executors.stop()
+        return result
 
     def _stopBackends(self) -> Deferred[Any]:
         # After the scheduler has stopped: no attempt is running any more.
@@ -202,23 +272,20 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
 
     @raise ConfigError: a plugin is unknown or refuses an option.
     """
-    pool = reactor.getThreadPool()
-
-    def blocking(f: Any, *args: Any, **kwargs: Any) -> Any:
-        return deferToThreadPool(reactor, pool, f, *args, **kwargs)
-
+    executors = Executors(reactor, settings.threads)
     listening = _listening(settings, reactor)
 
-    def context(section: str) -> plugin.PluginContext:
+    def context(section: str, kind: str) -> plugin.PluginContext:
         return plugin.PluginContext(
             reactor=reactor,
             hostname=settings.hostname,
             postmaster=settings.postmaster,
             state_dir=settings.state_dir,
             section=section,
-            blocking=blocking,
+            blocking=executors.runner(kind),
             listening=listening,
             delivery_timeout=settings.queue.delivery_timeout,
+            dns=executors.runner("dns"),
         )
 
     # Durably (each parent fsynced): a power cut in the first run must not take back the queue.
@@ -229,18 +296,26 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         IQueueStoreFactory,
         queue.store,
         {"path": str(queue.path), **queue.options},
-        context("queue"),
+        context("queue", "general"),
         pluginKey="store",
     )
     validators = [
         (
             section.name,
-            _build(settings, IRecipientValidatorFactory, section.plugin, section.options, context(section.section)),
+            _build(
+                settings,
+                IRecipientValidatorFactory,
+                section.plugin,
+                section.options,
+                context(section.section, "validators"),
+            ),
         )
         for section in settings.validators
     ]
     backends = {
-        name: _build(settings, IDeliveryBackendFactory, section.plugin, section.options, context(section.section))
+        name: _build(
+            settings, IDeliveryBackendFactory, section.plugin, section.options, context(section.section, "delivery")
+        )
         for name, section in settings.deliveries.items()
     }
     metrics = Metrics()
@@ -262,7 +337,9 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
     )
     metrics.queued.set_function(scheduler.queued)
     metrics.active.set_function(scheduler.held)
-    top = RelayService(settings, store, scheduler, onFatal=lambda message: exitOnFatal(reactor, message))
+    top = RelayService(
+        settings, store, scheduler, onFatal=lambda message: exitOnFatal(reactor, message), executors=executors
+    )
     scheduler.setServiceParent(top)
 
     policy = Policy(
@@ -289,7 +366,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
     tlsOptions = _tlsOptions(settings)
     portal = None
     if settings.auth_passwords is not None and any(listener.auth != "none" for listener in settings.listeners):
-        portal = makePortal(PasswordFile(settings.auth_passwords, blocking))
+        portal = makePortal(PasswordFile(settings.auth_passwords, executors.runner("auth")))
     for listener in settings.listeners:
         serverSettings = replace(
             base,

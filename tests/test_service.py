@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import errno
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.python.threadpool import ThreadPool
 
+from relay.config import ThreadSettings
 from relay.delivery.router import Router
+from relay.plugin import PluginContext
 from relay.queue.memory import MemoryQueueStore
 from relay.queue.scheduler import Scheduler
-from relay.service import Listener, RelayService
+from relay.service import Executors, Listener, RelayService
 
 
 class Store(MemoryQueueStore):
@@ -102,3 +106,62 @@ def test_a_failure_while_starting_stops_the_relay_too():
     top.startService()
     assert fatal and fatal[0].startswith("start-up failed: ")
     assert not listener.running
+
+
+# -- executors -------------------------------------------------------------------
+
+
+def _saturate(pool, release: threading.Event, jobs: int) -> None:
+    for _ in range(jobs):
+        pool.callInThread(release.wait, 10)  # slow password hashing: every thread taken
+
+
+def test_a_saturated_auth_pool_delays_no_delivery_or_validator_work():
+    executors = Executors(Clock(), ThreadSettings(auth=2, dns=1, delivery=1, validators=1))
+    executors.start()
+    release = threading.Event()
+    try:
+        _saturate(executors.pool("auth"), release, 20)
+        for kind in ("delivery", "validators", "dns"):
+            done = threading.Event()
+            executors.pool(kind).callInThread(done.set)
+            assert done.wait(5), f"{kind} work waited behind the auth pool"
+    finally:
+        release.set()
+        executors.stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("relay-")]
+
+
+def test_one_shared_pool_would_have_delayed_it():
+    """The control: the old single pool, saturated the same way, runs nothing else."""
+    shared = ThreadPool(minthreads=0, maxthreads=2, name="relay-shared")
+    shared.start()
+    release = threading.Event()
+    try:
+        _saturate(shared, release, 20)
+        done = threading.Event()
+        shared.callInThread(done.set)
+        assert not done.wait(0.5)
+    finally:
+        release.set()
+        shared.stop()
+
+
+def test_executors_are_started_and_stopped_with_the_relay():
+    executors = Executors(Clock(), ThreadSettings())
+    recovery: Deferred = Deferred()
+    top, listener, fatal = relay(recovery)
+    top.executors = executors
+    top.startService()
+    assert executors.running and all(pool.started for pool in executors.pools.values())
+    recovery.callback(0)
+    top.stopService()
+    assert not executors.running and not any(pool.started for pool in executors.pools.values())
+
+
+def test_plugin_context_dns_defaults_to_blocking():
+    def runner(f, *args):
+        return succeed(f(*args))
+
+    context = PluginContext(reactor=Clock(), hostname="h", postmaster="p@h", state_dir=Path("."), blocking=runner)
+    assert context.dns is runner

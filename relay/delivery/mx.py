@@ -428,7 +428,9 @@ def fromOptions(options: Mapping[str, Any], context: Any) -> MXBackend:
             clientOptions("check.invalid", True, caFile)
         except TLSError as e:
             raise OptionError(e.key, e.message) from None
-    resolver = Resolver(context.blocking, context.reactor, _nameservers(options.get("nameservers", "")))
+    # Lookups in the DNS pool when the context has one (a context built by hand may not).
+    dns = getattr(context, "dns", None) or context.blocking
+    resolver = Resolver(dns, context.reactor, _nameservers(options.get("nameservers", "")))
     listening = getattr(context, "listening", ())
     deadline = DEADLINE_SHARE * getattr(context, "delivery_timeout", 600.0)
     myself = Myself(listening)
