@@ -12,6 +12,7 @@ from smtphelpers import Session
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from relay.plugin import runInline
 from relay.smtp.auth import (
@@ -202,3 +203,20 @@ def test_pipelined_commands_wait_for_the_password_check(passwords):
     assert s.codes(b"AUTH PLAIN " + b64("\0alice\0right").encode() + b"\r\nNOOP\r\n") == []
     pending.pop().callback(None)
     assert s.codes(b"") == ["235 2.7.0", "250 2.0.0"]
+
+
+def test_a_hash_dearer_than_max_bcrypt_cost_is_refused_with_a_log_line_naming_the_user(passwords):
+    cheap = hashPassword("pw", rounds=4)
+    dear = "$2b$20$" + cheap[len("$2b$04$") :]  # the cost as stored: checking it would take about a minute
+    passwords.write_text(passwords.read_text() + f"bob:{dear}\ncarol:{cheap}\n")
+    with capturedLogs() as events:
+        users = readPasswords(passwords, maxCost=14)
+    assert users.keys() == {"alice", "carol"}
+    [event] = [e for e in events if e["log_level"] == LogLevel.error]
+    assert event["user"] == "bob" and event["cost"] == 20 and event["line"] == 2
+    assert dear not in formatEvent(event) and "pw" not in formatEvent(event)
+    checker = PasswordFile(passwords, runInline, maxCost=14)
+    with pytest.raises(UnauthorizedLogin):
+        result(login(checker, b"bob", b"pw"))  # the dummy hash is checked instead: no minute spent
+    assert result(login(checker, b"carol", b"pw"))[1] == "carol"
+    assert readPasswords(passwords).keys() == {"alice", "bob", "carol"}  # no bound: as before

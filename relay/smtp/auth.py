@@ -147,16 +147,45 @@ def hashPassword(password: str, rounds: int = 12) -> str:
     return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds)).decode("ascii")
 
 
-def readPasswords(path: Path) -> dict[str, str]:
-    """C{user:bcrypt-hash} lines; a malformed line is skipped and logged by number, never by content."""
+def bcryptCost(hashed: str) -> int | None:
+    """The cost (log2 of the rounds) of a C{$2?$NN$...} hash, or None if it is not one."""
+    parts = hashed.split("$")
+    if len(parts) != 4 or parts[0] or not parts[1].startswith("2") or len(parts[2]) != 2 or not parts[2].isdigit():
+        return None
+    return int(parts[2])
+
+
+def readPasswords(path: Path, maxCost: int | None = None) -> dict[str, str]:
+    """
+    C{user:bcrypt-hash} lines; a malformed line is skipped and logged by number, never by content.
+
+    A hash dearer than C{maxCost} (C{[auth] max_bcrypt_cost}) is refused too,
+    with a log line naming the user: every check of it, right or wrong, would
+    hold an auth thread for seconds (cost 20 is about a minute), so one such
+    entry would let anyone who knows the user name tie up the pool.  It is the
+    entry that is refused, not the file, because the file is re-read while
+    the relay runs (C{relayctl passwd}) and other users must go on working.
+    """
     users: dict[str, str] = {}
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         user, colon, hashed = line.partition(":")
-        if not colon or not user or not hashed.startswith("$2"):
+        cost = bcryptCost(hashed)
+        if not colon or not user or cost is None:
             _log.warn("{path}:{line}: not a user:bcrypt-hash line; skipped", path=str(path), line=number)
+            continue
+        if maxCost is not None and cost > maxCost:
+            _log.error(
+                "{path}:{line}: the hash of user {user} has bcrypt cost {cost}, above max_bcrypt_cost {max};"
+                " user refused until the password is set again",
+                path=str(path),
+                line=number,
+                user=user,
+                cost=cost,
+                max=maxCost,
+            )
             continue
         users[user] = hashed
     return users
@@ -192,9 +221,10 @@ class PasswordFile:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, path: Path, blocking: Callable[..., Deferred[Any]]) -> None:
+    def __init__(self, path: Path, blocking: Callable[..., Deferred[Any]], maxCost: int | None = None) -> None:
         self.path = Path(path)
         self._blocking = blocking
+        self.maxCost = maxCost
         self._stamp: tuple[int, int] | None = None
         self._users: dict[str, str] = {}
 
@@ -203,7 +233,7 @@ class PasswordFile:
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_size)
             if stamp != self._stamp:
-                self._users = readPasswords(self.path)
+                self._users = readPasswords(self.path, self.maxCost)
                 self._stamp = stamp
         except (OSError, UnicodeDecodeError) as e:
             _log.error("cannot read passwords file {path}: {error}", path=str(self.path), error=e)
