@@ -394,7 +394,7 @@ class Wedged:
 
 
 def test_commit_past_its_deadline_gets_451_and_the_session_goes_on():
-    s = Session(commitTimeout=30.0, commandTimeout=300.0)
+    s = Session(commitTimeout=30.0, idleTimeout=300.0)
     wedged = Wedged()
     s.store.begin = lambda: wedged
     s.ready()
@@ -446,7 +446,7 @@ def test_idle_timeout_sends_421():
 def test_no_idle_timeout_while_an_answer_is_ours_then_the_command_timeout_again():
     slow = Slow()
     pending = slow.pending
-    s = Session(validators=[("slow", slow)], commandTimeout=10.0)
+    s = Session(validators=[("slow", slow)], idleTimeout=10.0)
     s.ready()
     assert s.codes(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\n") == ["250 2.1.0"]
     s.clock.advance(25)  # the validator is slow (within its own limit): the client is not to blame
@@ -460,7 +460,7 @@ def test_no_idle_timeout_while_an_answer_is_ours_then_the_command_timeout_again(
 
 
 def test_after_a_message_the_command_timeout_applies_not_the_data_timeout():
-    s = Session(commandTimeout=300.0, dataTimeout=10.0)
+    s = Session(idleTimeout=300.0, dataTimeout=10.0)
     s.ready()
     assert s.codes(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n")[-1] == "354 2.0.0"
     assert s.codes(MESSAGE + b".\r\n") == ["250 2.0.0"]

@@ -187,8 +187,8 @@ def test_error_limit_closes_with_421():
     assert s.transport.disconnecting
 
 
-def test_per_client_connection_limit_exempts_relay_networks():
-    s = Session(client="192.0.2.7", maxConnectionsPerClient=2)
+def test_per_client_connection_limit_and_relay_networks_own_cap():
+    s = Session(client="192.0.2.7", maxSessionsPerClient=2)
     second = s.connect("192.0.2.7")
     third = s.connect("192.0.2.7")
     assert third[0].value().startswith(b"421 4.7.0") and third[0].disconnecting
@@ -197,8 +197,9 @@ def test_per_client_connection_limit_exempts_relay_networks():
     fourth = s.connect("192.0.2.7")
     assert fourth[0].value().startswith(b"220 ")
     assert second[0].value().startswith(b"220 ")
-    inside = Session(client="127.0.0.1", maxConnectionsPerClient=1)
+    inside = Session(client="127.0.0.1", maxSessionsPerClient=1, maxSessionsPerRelayClient=2)
     assert inside.connect("127.0.0.1")[0].value().startswith(b"220 ")
+    assert inside.connect("127.0.0.1")[0].value().startswith(b"421 4.7.0")  # counted too (issue 13)
 
 
 def test_starttls_not_offered_without_tls_listener():

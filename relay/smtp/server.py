@@ -17,7 +17,6 @@ from __future__ import annotations
 import enum
 import errno
 import functools
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from relay import config
 from relay.address import Mailbox, parseMailbox
 from relay.envelope import Envelope, Recipient, Status
 from relay.fsutil import writeNow
@@ -40,6 +40,7 @@ from relay.smtp import parser
 from relay.smtp.auth import MECHANISMS, Challenge, Credentials, IMailUser, startExchange
 from relay.smtp.dotreader import DataError, DotReader, LineChecker
 from relay.smtp.headers import TraceCounter
+from relay.smtp.limits import SessionLimits
 from relay.smtp.params import MailParams, mailParams, rcptParams
 from relay.verdict import SessionInfo
 
@@ -53,14 +54,27 @@ SASL_LINE_LIMIT = 12288
 BUFFER_LIMIT = 16384
 # Pipelined input waiting behind a busy command before we stop reading.
 PAUSE_ABOVE = 256 * 1024
+# After we close, how long a client that reads nothing may keep the
+# connection (and its unsent replies) before it is cut.
+CLOSE_GRACE = 10.0
 # Octets asked of the socket at each read (Twisted's default is 64 KiB): a
 # large message arrives in fewer turns of the reactor, and the DATA reader's
 # scans run over longer stretches.  A read returns what is there, no more.
 READ_SIZE = 256 * 1024
 
 # RFC 5321 4.5.3.2: server timeout 5 minutes, per DATA block 3 minutes.
-COMMAND_TIMEOUT = 300.0
+# These are idle limits: any data resets them.
+IDLE_TIMEOUT = 300.0
 DATA_TIMEOUT = 180.0
+# Absolute limits, which no trickle of data resets ([listener:NAME] keys).
+COMMAND_DEADLINE = 120.0
+DATA_DEADLINE = 600.0
+MIN_DATA_RATE = 1024
+SESSION_DEADLINE = 3600.0
+# "452 too many recipients" replies that do not count as errors, as Postfix's
+# smtpd_recipient_overshoot_limit: a client sending more recipients than we
+# take is told to send the rest later, not disconnected for it.
+RECIPIENT_OVERSHOOT = 1000
 # How long the store may take to make a message durable ([queue] commit_timeout).
 COMMIT_TIMEOUT = 30.0
 
@@ -122,15 +136,17 @@ AUTH_FAILED = _reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_REQUIRED = _reply(530, "5.7.0", "Authentication required")
 BINARYMIME_NEEDS_BDAT = _reply(503, "5.5.1", "Error: BODY=BINARYMIME requires BDAT")
 TOO_MANY_ERRORS = _reply(421, "4.7.0", "Error: too many errors")
-TOO_MANY_CONNECTIONS = _reply(421, "4.7.0", "Error: too many connections from your host")
+AUTH_LOCKED_OUT = _reply(454, "4.7.0", "Error: too many authentication failures; try again later")
 DATA_ERRORS = {
     DataError.BARE_LF: _reply(554, "5.6.0", "Error: message has bare <LF> line endings"),
     DataError.BARE_CR: _reply(554, "5.6.0", "Error: message has bare <CR> characters"),
     DataError.LINE_TOO_LONG: _reply(554, "5.6.0", "Error: message has a line longer than 998 octets"),
     DataError.NUL: _reply(554, "5.6.0", "Error: message has NUL characters"),
 }
-# Replies that say nothing bad about the client: not counted towards the error limit.
-_NOT_ERRORS = frozenset({421, 452})
+# Replies that say nothing bad about the client: not counted towards the error
+# limit.  452 is counted (a client that meets it again and again is asking
+# for it), except "too many recipients" within RECIPIENT_OVERSHOOT.
+_NOT_ERRORS = frozenset({421})
 
 
 @dataclass(frozen=True)
@@ -151,11 +167,37 @@ class ServerSettings:
     plaintextAuth: bool = False
     portal: Any = None  # twisted.cred Portal answering IMailUser
     maxErrors: int = 20
-    maxConnectionsPerClient: int = 50
+    maxSessionsPerClient: int = 50
+    maxSessionsPerRelayClient: int = 500
+    maxConnectionRate: int = 120  # per address per minute, outside relay_networks; 0 = none
     maxReceived: int = 50
-    commandTimeout: float = COMMAND_TIMEOUT
+    idleTimeout: float = IDLE_TIMEOUT
     dataTimeout: float = DATA_TIMEOUT
+    commandDeadline: float = COMMAND_DEADLINE
+    dataDeadline: float = DATA_DEADLINE
+    minDataRate: int = MIN_DATA_RATE
+    sessionDeadline: float = SESSION_DEADLINE
     commitTimeout: float = COMMIT_TIMEOUT
+    # One SessionLimits for all listeners (the global cap); None: the factory keeps its own, without a global cap.
+    limits: SessionLimits | None = None
+    # relay.smtp.throttle.AuthThrottle (lockedOut, failed, succeeded); None: no throttling.
+    authThrottle: Any = None
+
+
+def listenerSettings(base: ServerSettings, listener: config.Listener) -> ServerSettings:
+    """A listener's own limits and timers ([listener:NAME] keys) on the relay-wide C{base}."""
+    return replace(
+        base,
+        maxErrors=listener.max_errors,
+        maxSessionsPerClient=listener.max_sessions_per_client,
+        maxSessionsPerRelayClient=listener.max_sessions_per_relay_client,
+        maxConnectionRate=listener.max_connection_rate,
+        idleTimeout=listener.idle_timeout,
+        commandDeadline=listener.command_deadline,
+        dataDeadline=listener.data_deadline,
+        minDataRate=listener.min_data_rate,
+        sessionDeadline=listener.session_deadline,
+    )
 
 
 @dataclass
@@ -199,8 +241,19 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._discarding = False
         self._busy = False
         self._pumping = False
-        self._paused = False
-        self._storeBehind = False
+        self._paused = False  # too much pipelined input behind a busy command
+        self._storeBehind: Any = None  # the incoming message whose store is behind the client
+        self._writePaused = False  # the transport holds too many unsent replies
+        self._readPaused = False  # what we last told the transport
+        self._admitted = False
+        self._overshoot = 0
+        self._sessionTimer: Any = None
+        self._commandTimer: Any = None
+        self._dataTimer: Any = None
+        self._dataStart = 0.0
+        self._dataOctets = 0
+        self._authDelay: Any = None
+        self._closeTimer: Any = None
         self._reader: DotReader | None = None
         self._chunk: Chunk | None = None
         self._checker: LineChecker | None = None  # a BDAT body that must be text (not BINARYMIME)
@@ -217,28 +270,81 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.client = getattr(peer, "host", "") or ""
         if isinstance(self.transport, tcp.Server):
             self.transport.bufferSize = READ_SIZE
-        self.setTimeout(self.settings.commandTimeout)
-        if not self.factory.admit(self):
-            self._send(TOO_MANY_CONNECTIONS)
+        self.setTimeout(self.settings.idleTimeout)
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            self._send(_reply(421, "4.7.0", f"{self.settings.hostname} Error: {refusal}"))
             self._close()
             return
+        # The transport tells us when it holds too many unsent replies: a
+        # client that pipelines commands and never reads is then not read.
+        self.transport.registerProducer(self, True)
+        self._sessionTimer = self.callLater(self.settings.sessionDeadline, self._deadlineExceeded, "session_deadline")
         self._send(self.factory.greeting)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.phase = Phase.CLOSED
         self.setTimeout(None)
+        self._cancelTimers()
         self._abortIncoming()
         self.factory.release(self)
+
+    def _cancelTimers(self) -> None:
+        for name in ("_sessionTimer", "_commandTimer", "_dataTimer", "_authDelay", "_closeTimer"):
+            timer = getattr(self, name)
+            setattr(self, name, None)
+            if timer is not None and timer.active():
+                timer.cancel()
 
     def timeoutConnection(self) -> None:
         self._send(_reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
         self._close()
 
-    def _send(self, status: Status) -> None:
+    def _deadlineExceeded(self, which: str) -> None:
+        """An absolute limit ([listener:NAME] C{which}) has passed: however slowly data came, the session ends."""
+        setattr(
+            self,
+            {"session_deadline": "_sessionTimer", "command_deadline": "_commandTimer"}.get(which, "_dataTimer"),
+            None,
+        )
+        if self.phase is Phase.CLOSED:
+            return
+        self.log.info("{which} exceeded: closing the session client={client}", which=which, client=self.client)
+        self._send(_reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
+        self._close()
+
+    # -- producer of replies (the transport pauses us) --------------------
+
+    def pauseProducing(self) -> None:
+        self._writePaused = True
+        self._updateReading()
+
+    def resumeProducing(self) -> None:
+        self._writePaused = False
+        if self.phase is not Phase.CLOSED:
+            self._pump()
+        self._updateReading()
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going: connectionLost follows
+
+    def _updateReading(self) -> None:
+        """Read from the client unless something is behind: our replies, a busy answer, or the store."""
+        if self.phase is Phase.CLOSED:
+            return
+        pause = self._writePaused or self._paused or self._storeBehind is not None
+        if pause != self._readPaused:
+            self._readPaused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def _send(self, status: Status, counted: bool = True) -> None:
         if self.phase is Phase.CLOSED:
             return
         self._write(status.reply())
-        if status.code >= 400 and status.code not in _NOT_ERRORS:
+        if counted and status.code >= 400 and status.code not in _NOT_ERRORS:
             self.errors += 1
             if self.errors >= self.settings.maxErrors:
                 self._write(TOO_MANY_ERRORS.reply())
@@ -264,7 +370,15 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._abortIncoming()
         self.phase = Phase.CLOSED
         self.setTimeout(None)
-        self.transport.loseConnection()
+        self._cancelTimers()
+        transport = self.transport
+        if self._admitted:
+            transport.unregisterProducer()  # else loseConnection waits for the producer
+        transport.loseConnection()
+        # A client that reads nothing would keep its unsent replies, and the connection, for ever.
+        abort = getattr(transport, "abortConnection", None)
+        if abort is not None:
+            self._closeTimer = self.callLater(CLOSE_GRACE, abort)
 
     # -- input -----------------------------------------------------------
 
@@ -272,12 +386,14 @@ class SMTPServer(Protocol, TimeoutMixin):
         if self.phase is Phase.CLOSED:
             return
         self._buffer += data
+        if self._dataTimer is not None:
+            self._dataOctets += len(data)
         if not self._busy:
             self.resetTimeout()
             self._pump()
         elif len(self._buffer) > PAUSE_ABOVE and not self._paused:
             self._paused = True
-            self.transport.pauseProducing()
+            self._updateReading()
 
     def _pump(self) -> None:
         if self._pumping:
@@ -287,13 +403,47 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._pumpLoop()
         finally:
             self._pumping = False
+        if self.phase is Phase.CLOSED:
+            return
         if self._paused and not self._busy and len(self._buffer) <= PAUSE_ABOVE:
             self._paused = False
-            if not self._storeBehind:
-                self.transport.resumeProducing()
+            self._updateReading()
+        self._watchCommand()
+
+    def _watchCommand(self) -> None:
+        """
+        The command deadline runs from the first octet of a command line until
+        its CRLF (or while an over-long one is being dropped), so that a line
+        drip-fed an octet at a time ends at command_deadline, not never.
+        """
+        partial = (
+            (self._buffer or self._discarding)
+            and not self._busy
+            and self._chunk is None
+            and self.phase is not Phase.DATA
+        )
+        timer = self._commandTimer
+        if partial:
+            if timer is None:
+                self._commandTimer = self.callLater(
+                    self.settings.commandDeadline, self._deadlineExceeded, "command_deadline"
+                )
+        elif timer is not None:
+            self._commandTimer = None
+            timer.cancel()
+
+    def _lineDone(self) -> None:
+        timer, self._commandTimer = self._commandTimer, None
+        if timer is not None:
+            timer.cancel()
 
     def _pumpLoop(self) -> None:
-        while not self._busy and self.phase is not Phase.CLOSED and (self._buffer or self._chunkComplete()):
+        while (
+            not self._busy
+            and not self._writePaused
+            and self.phase is not Phase.CLOSED
+            and (self._buffer or self._chunkComplete())
+        ):
             if self._chunk is not None:
                 self._pumpChunk()
             elif self.phase is Phase.DATA:
@@ -319,6 +469,8 @@ class SMTPServer(Protocol, TimeoutMixin):
                     self._buffer = b""
                 return None
             line, self._buffer = self._buffer[: nl + 1], self._buffer[nl + 1 :]
+            if self._commandTimer is not None:
+                self._lineDone()
             if self._discarding:
                 self._discarding = False
                 self._send(LINE_TOO_LONG)
@@ -344,7 +496,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             if self.phase is Phase.CLOSED:
                 return
             self._send(status)
-            timeout = self.settings.dataTimeout if self._chunk else self.settings.commandTimeout
+            timeout = self.settings.dataTimeout if self._chunk else self.settings.idleTimeout
             if waited or self.timeOut != timeout:
                 self.setTimeout(timeout)
             self._pump()
@@ -354,6 +506,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         if self._busy:  # not answered at once (an answer at once needs no timer work)
             waited = True
             self.setTimeout(None)
+            self._lineDone()  # the answer is ours to give: no command deadline meanwhile
 
     # -- what this session offers ----------------------------------------
 
@@ -485,6 +638,9 @@ class SMTPServer(Protocol, TimeoutMixin):
             return self._send(IN_TRANSACTION)
         if not (self.tls or self.settings.plaintextAuth):
             return self._send(AUTH_NEEDS_TLS)
+        throttle = self.settings.authThrottle
+        if throttle is not None and throttle.lockedOut(self.client):
+            return self._send(AUTH_LOCKED_OUT)  # no exchange: a locked-out guesser costs no bcrypt time
         exchange = startExchange(command.mechanism, command.initial)
         if exchange is None:
             return self._send(AUTH_MECHANISM)
@@ -508,14 +664,25 @@ class SMTPServer(Protocol, TimeoutMixin):
         credentials = UsernamePassword(result.username.encode("utf-8"), result.password.encode("utf-8"))
         d = self.settings.portal.login(credentials, None, IMailUser)
 
+        throttle = self.settings.authThrottle
+
         def succeeded(login: tuple[Any, Any, Any]) -> Status:
             self.authenticated = result.username
             self.log.info("authenticated {user} client={client}", user=result.username, client=self.client)
+            if throttle is not None:
+                throttle.succeeded(self.client)
             return AUTH_OK
 
-        def failed(failure: Failure) -> Status:
+        def failed(failure: Failure) -> Status | Deferred[Status]:
             self.log.info("authentication failed for {user} client={client}", user=result.username, client=self.client)
-            return AUTH_FAILED
+            delay = throttle.failed(self.client, result.username) if throttle is not None else 0.0
+            if delay <= 0 or self.phase is Phase.CLOSED:
+                return AUTH_FAILED
+            # The 535 comes late, and the session reads nothing meanwhile: a
+            # guesser waits, on our clock, without holding a thread.
+            later: Deferred[Status] = Deferred()
+            self._authDelay = self.callLater(delay, later.callback, AUTH_FAILED)
+            return later
 
         d.addCallbacks(succeeded, failed)
         self._wait(d)
@@ -550,7 +717,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         if isinstance(params, Status):
             return self._send(params)
         if len(transaction.recipients) >= self.settings.maxRecipients:
-            return self._send(TOO_MANY_RECIPIENTS)
+            self._overshoot += 1
+            return self._send(TOO_MANY_RECIPIENTS, counted=self._overshoot > RECIPIENT_OVERSHOOT)
         policy = self.settings.policy
         mayRelay = policy.mayRelay(self.client, self.authenticated)
         notify = policy.dsnNotify(params.notify, mayRelay)
@@ -597,6 +765,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._reader = DotReader(self._writeBody)
         self.phase = Phase.DATA
         self.setTimeout(self.settings.dataTimeout)
+        self._startDataDeadline()
         self._send(START_DATA)
 
     def _bdat(self, command: parser.Bdat) -> None:
@@ -623,8 +792,34 @@ class SMTPServer(Protocol, TimeoutMixin):
             refusal = BAD_SEQUENCE_RCPT
         self._chunk = Chunk(command.size, command.last, refusal)
         self.setTimeout(self.settings.dataTimeout)
+        self._startDataDeadline()
 
     # -- message data ----------------------------------------------------
+
+    def _startDataDeadline(self) -> None:
+        """
+        A DATA transfer or BDAT chunk must end within data_deadline of its
+        start, plus the time its octets take at min_data_rate (as Postfix
+        scales smtpd_timeout): a drip ends at the floor, a large message at an
+        honest speed does not.
+        """
+        self._stopDataDeadline()
+        self._dataStart = self.settings.clock.seconds()
+        self._dataOctets = 0
+        self._dataTimer = self.callLater(self.settings.dataDeadline, self._checkDataDeadline)
+
+    def _stopDataDeadline(self) -> None:
+        timer, self._dataTimer = self._dataTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _checkDataDeadline(self) -> None:
+        allowed = max(self.settings.dataDeadline, self._dataOctets / self.settings.minDataRate)
+        left = self._dataStart + allowed - self.settings.clock.seconds()
+        if left > 0:
+            self._dataTimer = self.callLater(left, self._checkDataDeadline)
+        else:
+            self._deadlineExceeded("data_deadline")
 
     def _beginMessage(self) -> Status | None:
         try:
@@ -659,32 +854,44 @@ class SMTPServer(Protocol, TimeoutMixin):
             return
         self._size += len(data)
         if self._size > self.settings.maxMessageSize:
-            self._problem = MESSAGE_TOO_BIG
-            return
+            return self._refuseMessage(MESSAGE_TOO_BIG)
         trace = self._trace
         if trace is not None and not trace.done:
             trace.feed(data)
             if trace.received > self.settings.maxReceived:
-                self._problem = TOO_MANY_HOPS
-                return
+                return self._refuseMessage(TOO_MANY_HOPS)
+        incoming = self._incoming
         try:
-            self._incoming.write(data)
+            incoming.write(data)
         except OSError as e:
-            self._problem = NO_STORAGE if e.errno in (errno.ENOSPC, errno.EDQUOT) else LOCAL_ERROR
-            return
-        writable = getattr(self._incoming, "writable", None)  # optional: IIncomingMessage.writable
-        if writable is not None and not self._storeBehind:
+            return self._refuseMessage(NO_STORAGE if e.errno in (errno.ENOSPC, errno.EDQUOT) else LOCAL_ERROR)
+        writable = getattr(incoming, "writable", None)  # optional: IIncomingMessage.writable
+        if writable is not None and self._storeBehind is None:
             behind = writable()
             if behind is not None:
                 # The store is behind the client: read nothing more until it catches up.
-                self._storeBehind = True
-                self.transport.pauseProducing()
-                behind.addBoth(self._storeCaughtUp)
+                self._storeBehind = incoming
+                self._updateReading()
+                behind.addBoth(self._storeCaughtUp, incoming)
 
-    def _storeCaughtUp(self, _: object) -> None:
-        self._storeBehind = False
-        if self.phase is not Phase.CLOSED and not self._paused:
-            self.transport.resumeProducing()
+    def _refuseMessage(self, problem: Status) -> None:
+        """
+        The message will be refused whatever follows: stop storing it now
+        (the rest is read and dropped up to its end, memory bounded) and
+        answer C{problem} there.
+        """
+        self._problem = problem
+        incoming, self._incoming = self._incoming, None
+        if self._storeBehind is not None:
+            self._storeBehind = None
+            self._updateReading()
+        if incoming is not None:
+            incoming.abort()
+
+    def _storeCaughtUp(self, _: object, incoming: Any) -> None:
+        if self._storeBehind is incoming:
+            self._storeBehind = None
+            self._updateReading()
 
     def _pumpData(self) -> None:
         assert self._reader is not None
@@ -692,6 +899,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         end = self._reader.feed(data)
         if end is None:
             return
+        self._stopDataDeadline()
         self._buffer = data[end:]
         reader, self._reader = self._reader, None
         if reader.error is not None and self._problem is None:
@@ -716,6 +924,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             if chunk.remaining:
                 return
         self._chunk = None
+        self._stopDataDeadline()
         checker = self._checker
         if chunk.refusal is None and checker is not None and self._problem is None:
             error = checker.finish() if chunk.last else checker.error
@@ -852,8 +1061,9 @@ class SMTPServer(Protocol, TimeoutMixin):
 
 class SMTPServerFactory(ServerFactory):
     """
-    Builds sessions for one listener and limits concurrent sessions per client
-    address (clients in relay_networks are exempt, as they are our own).
+    Builds sessions for one listener and asks the relay's L{SessionLimits}
+    whether each may start (the global cap, and this listener's caps per
+    client address and connection rate).
     """
 
     noisy = False  # one log line per accepted message is ours to write, not one per connection
@@ -861,25 +1071,22 @@ class SMTPServerFactory(ServerFactory):
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.greeting = _reply(220, "2.0.0", f"{settings.hostname} ESMTP relay")
-        self._perClient: Counter[str] = Counter()
+        self.limits = settings.limits if settings.limits is not None else SessionLimits(settings.clock)
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         protocol = SMTPServer(self.settings)
         protocol.factory = self
         return protocol
 
-    def admit(self, protocol: SMTPServer) -> bool:
+    def admit(self, protocol: SMTPServer) -> str | None:
+        """None if the session may start (then counted until L{release}), else why not."""
         client = protocol.client
-        if self.settings.policy.mayRelay(client, None) or clientIP(client) is None:
-            protocol._counted = False
-            return True
-        self._perClient[client] += 1
-        protocol._counted = True
-        return self._perClient[client] <= self.settings.maxConnectionsPerClient
+        trusted = clientIP(client) is None or self.settings.policy.mayRelay(client, None)
+        refusal = self.limits.admit(client, trusted, self.settings)
+        protocol._admitted = refusal is None
+        return refusal
 
     def release(self, protocol: SMTPServer) -> None:
-        if getattr(protocol, "_counted", False):
-            protocol._counted = False
-            self._perClient[protocol.client] -= 1
-            if self._perClient[protocol.client] <= 0:
-                del self._perClient[protocol.client]
+        if protocol._admitted:
+            protocol._admitted = False
+            self.limits.release(protocol.client)
