@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 import socket
 
@@ -9,16 +10,20 @@ import pytest
 from smtphelpers import Session
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
 
 from relay import verdict
+from relay.config import AuthSettings
 from relay.delivery.maildir import MaildirBackend
 from relay.delivery.router import Router
 from relay.plugin import runInline
 from relay.queue.memory import MemoryQueueStore
 from relay.smtp import server as serverModule
+from relay.smtp.auth import PasswordFile, hashPassword, makePortal, writePasswords
 from relay.smtp.server import SMTPServer
+from relay.smtp.throttle import AuthThrottle
 
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
 
@@ -625,3 +630,266 @@ def test_a_large_message_is_read_in_large_pieces():
     finally:
         ours.close()
         theirs.close()
+
+
+# -- abuse resistance (issue 13) ----------------------------------------------
+
+
+def transaction(s: Session) -> None:
+    s.ready()
+    assert s.codes(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\n") == ["250 2.1.0", "250 2.1.5"]
+
+
+def test_452_counts_toward_the_error_limit():
+    s = Session(maxErrors=3)
+    s.store.failWrites = True  # the Received header cannot be written: 452 4.3.1 at DATA
+    s.ready()
+    s.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\n")
+    assert s.codes(b"DATA\r\nDATA\r\n") == ["452 4.3.1", "452 4.3.1"]
+    assert not s.transport.disconnecting
+    assert s.codes(b"DATA\r\n") == ["452 4.3.1", "421 4.7.0"]
+    assert s.transport.disconnecting
+
+
+def test_too_many_recipients_within_the_overshoot_is_not_an_error():
+    s = Session(maxErrors=3, maxRecipients=1)
+    transaction(s)
+    assert s.codes(b"RCPT TO:<v@localhost>\r\n" * 10) == ["452 4.5.3"] * 10
+    assert s.codes(b"DATA\r\n" + MESSAGE + b".\r\n") == ["354 2.0.0", "250 2.0.0"]
+    assert not s.transport.disconnecting
+
+
+def test_a_locked_out_address_gets_454_without_any_password_check(tmp_path):
+    s = authSession(tmp_path, AuthThrottle(Clock(), AuthSettings(max_failures=1)))
+    s.settings.authThrottle.failed("192.0.2.10", "alice")
+    s.take()
+    s.send(b"EHLO c.example\r\n")
+    assert s.codes(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0right") + b"\r\n") == ["454 4.7.0"]
+    assert s.codes(b"NOOP\r\n") == ["250 2.0.0"]
+
+
+def test_a_failed_auth_is_answered_after_the_throttle_delay_reading_nothing_meanwhile(tmp_path, monkeypatch):
+    events: list[dict] = []
+    monkeypatch.setattr(SMTPServer, "log", Logger(observer=events.append))
+    clock = Clock()
+    throttle = AuthThrottle(clock, AuthSettings(failure_delay=2.0, max_failure_delay=10.0, max_failures=10))
+    s = authSession(tmp_path, throttle)
+    clock.advance(s.clock.seconds())  # the throttle's clock at the session's time
+    s.take()
+    s.send(b"EHLO c.example\r\n")
+    wrong = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0secret-guess") + b"\r\n"
+    assert s.send(wrong + b"NOOP\r\n") == b""  # the 535 waits, and the NOOP behind it
+    s.clock.advance(1.9)
+    assert s.take() == b""
+    s.clock.advance(0.1)
+    assert s.take() == b"535 5.7.8 Authentication credentials invalid\r\n250 2.0.0 Ok\r\n"
+    s.send(wrong)
+    s.clock.advance(3.9)
+    assert s.take() == b""  # the second failure waits twice as long
+    s.clock.advance(0.1)
+    assert s.take().startswith(b"535 5.7.8")
+    lines = [formatEvent(e) for e in events]
+    assert lines.count("authentication failed for alice client=192.0.2.10") == 2
+    assert not any("secret-guess" in line for line in lines)
+    assert s.codes(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0right") + b"\r\n") == ["235 2.7.0"]
+
+
+def test_a_pending_auth_delay_is_cancelled_with_the_connection(tmp_path):
+    s = authSession(tmp_path, AuthThrottle(Clock(), AuthSettings(failure_delay=5.0)))
+    s.take()
+    s.send(b"EHLO c.example\r\nAUTH PLAIN " + base64.b64encode(b"\0alice\0wrong") + b"\r\n")
+    assert s.server._authDelay is not None
+    s.server.connectionLost(None)
+    assert not s.clock.getDelayedCalls()
+
+
+def authSession(tmp_path, throttle) -> Session:
+    passwords = tmp_path / "passwords"
+    writePasswords(passwords, {"alice": hashPassword("right", rounds=4)})
+    portal = makePortal(PasswordFile(passwords, runInline))
+    return Session(portal=portal, auth="optional", plaintextAuth=True, authThrottle=throttle)
+
+
+def test_replies_the_transport_cannot_send_stop_the_reading():
+    s = Session()
+    s.ready()
+    s.server.pauseProducing()  # what the transport does when its buffer of replies is full
+    assert s.transport.producerState == "paused"
+    assert s.send(b"NOOP\r\n" * 1000) == b""  # kept, not answered
+    s.server.resumeProducing()  # drained
+    assert s.take() == b"250 2.0.0 Ok\r\n" * 1000
+    assert s.transport.producerState == "producing"
+
+
+def test_a_client_that_never_reads_replies_is_not_read():
+    # Twisted's own TCP transport on a real socket pair: the peer sends
+    # NOOPs and reads nothing; once the socket and the transport's buffer are
+    # full, the session stops reading, and what it holds stays bounded.
+    s = Session()
+    reactor = MemoryReactorClock()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    protocol = s.factory.buildProtocol(None)
+    try:
+        transport = tcp.Server(ours, protocol, ("192.0.2.10", 40000), None, 1, reactor)
+        protocol.makeConnection(transport)
+        noops = b"NOOP\r\n" * 20_000
+        sent = 0
+        for _ in range(2000):
+            try:
+                sent += theirs.send(noops)
+            except BlockingIOError:
+                pass
+            if transport not in reactor.getReaders():
+                break
+            transport.doRead()
+            if transport in reactor.getWriters():
+                transport.doWrite()
+        assert transport not in reactor.getReaders()
+        held = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        assert held <= 2 * serverModule.READ_SIZE + 64 * 1024
+        assert len(protocol._buffer) <= serverModule.READ_SIZE + serverModule.PAUSE_ABOVE
+        # the client reads: the session goes on answering, and reading
+        for _ in range(1000):
+            try:
+                theirs.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            if transport in reactor.getWriters():
+                transport.doWrite()
+            if transport in reactor.getReaders():
+                break
+        assert transport in reactor.getReaders()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_command_line_drip_fed_is_closed_at_the_command_deadline():
+    s = Session(commandDeadline=30.0, idleTimeout=20.0)
+    s.ready()
+    for octet in b"NOOP":
+        s.send(bytes([octet]))
+        s.clock.advance(7)  # each octet resets the idle timer, not the deadline
+    assert s.take() == b""
+    s.clock.advance(2)
+    assert s.take() == b"421 4.4.2 mx.example.test Error: timeout exceeded\r\n"
+    assert s.transport.disconnecting
+
+
+def test_the_command_deadline_runs_per_line():
+    s = Session(commandDeadline=30.0)
+    s.ready()
+    for _ in range(5):
+        s.send(b"NO")
+        s.clock.advance(20)
+        assert s.codes(b"OP\r\n") == ["250 2.0.0"]
+    s.send(b"NOOP\r\nNO")  # a pipelined line, then the start of the next
+    s.clock.advance(29)
+    assert s.codes(b"OP\r\n") == ["250 2.0.0"]
+    s.clock.advance(100)
+    assert not s.transport.disconnecting
+
+
+def test_an_over_long_line_being_dropped_is_still_under_the_command_deadline():
+    s = Session(commandDeadline=30.0)
+    s.ready()
+    s.send(b"X" * (serverModule.BUFFER_LIMIT + 1))  # dropped while we look for its end
+    s.clock.advance(15)
+    s.send(b"X" * 100)
+    s.clock.advance(15)
+    assert s.take().startswith(b"421 4.4.2")
+
+
+def test_data_drip_fed_is_closed_at_the_data_deadline():
+    s = Session(dataDeadline=60.0, dataTimeout=20.0)
+    transaction(s)
+    s.send(b"DATA\r\n")
+    for _ in range(29):
+        s.clock.advance(2)
+        s.send(b"x")
+    assert s.take() == b""
+    s.clock.advance(2)
+    assert s.take().startswith(b"421 4.4.2")
+    assert s.transport.disconnecting and s.store.incoming == set()
+
+
+def test_the_data_deadline_grows_with_the_octets_received():
+    # 60 s floor, 1000 octets/s: 5,000 octets a second for 200 s (1 MB) earns 1000 s
+    s = Session(dataDeadline=60.0, minDataRate=1000, maxMessageSize=10_000_000)
+    transaction(s)
+    s.send(b"DATA\r\n")
+    line = b"x" * 98 + b"\r\n"
+    for _ in range(200):
+        s.send(line * 50)
+        s.clock.advance(1)
+    assert s.codes(b".\r\n") == ["250 2.0.0"]
+
+
+def test_a_bdat_chunk_drip_fed_is_closed_at_the_data_deadline():
+    s = Session(dataDeadline=60.0)
+    transaction(s)
+    s.send(b"BDAT 100 LAST\r\n")
+    for _ in range(30):
+        s.send(b"x")
+        s.clock.advance(2)
+    assert s.take().startswith(b"421 4.4.2")
+
+
+def test_the_session_deadline_ends_even_a_busy_session():
+    s = Session(sessionDeadline=100.0)
+    s.ready()
+    for _ in range(9):
+        s.clock.advance(10)
+        assert s.codes(b"NOOP\r\n") == ["250 2.0.0"]
+    s.clock.advance(10)
+    assert s.take().startswith(b"421 4.4.2")
+    assert s.transport.disconnecting
+
+
+def test_a_closed_client_that_reads_nothing_is_cut_after_a_grace():
+    s = Session()
+    s.ready()
+    s.send(b"QUIT\r\n")
+    assert s.transport.disconnecting and not s.transport.disconnected
+    s.clock.advance(serverModule.CLOSE_GRACE)
+    assert s.transport.disconnected  # StringTransport: abortConnection
+
+
+def test_a_message_over_the_limit_stops_being_stored_at_once():
+    s = Session(maxMessageSize=10_000)
+    transaction(s)
+    s.send(b"DATA\r\n")
+    [incoming] = s.store.incoming
+    s.send(b"x" * 998 + b"\r\n")
+    assert not incoming.aborted
+    for _ in range(20):
+        s.send(b"x" * 998 + b"\r\n")
+    assert incoming.aborted and s.store.incoming == set()
+    stored = sum(map(len, incoming._chunks))
+    assert stored <= 10_000 + 1_000  # the Received header and less than one piece
+    for _ in range(1000):  # the rest is read and dropped
+        s.send(b"x" * 998 + b"\r\n")
+    assert sum(map(len, incoming._chunks)) == stored
+    assert s.codes(b".\r\nNOOP\r\n") == ["552 5.3.4", "250 2.0.0"]
+    assert s.store.messages == {}
+
+
+def test_a_bdat_message_over_the_limit_stops_being_stored_and_is_refused_at_the_chunk():
+    s = Session(maxMessageSize=10_000)
+    transaction(s)
+    s.send(b"BDAT 30000\r\n" + b"x" * 5000)
+    [incoming] = s.store.incoming
+    s.send(b"x" * 6000)
+    assert incoming.aborted
+    assert s.codes(b"x" * 19000) == ["552 5.3.4"]
+    assert s.codes(b"NOOP\r\n") == ["250 2.0.0"]
+    assert s.store.messages == {}
+
+
+def test_a_declared_size_over_the_limit_is_refused_at_mail():
+    s = Session(maxMessageSize=10_000)
+    s.ready()
+    assert s.codes(b"MAIL FROM:<a@example.org> SIZE=10001\r\n") == ["552 5.3.4"]
+    assert s.codes(b"MAIL FROM:<a@example.org> SIZE=10000\r\n") == ["250 2.1.0"]
