@@ -23,6 +23,8 @@ from twisted.internet.testing import StringTransport
 from relay.delivery import remote
 from relay.envelope import Recipient
 from relay.smtp.client import (
+    MAX_REPLY_OCTETS,
+    REPLY_BUFFER,
     ClientSettings,
     GreetingError,
     LoopError,
@@ -300,3 +302,46 @@ def test_every_code_at_every_position(position, code, pipelining, chunking, reci
             assert not hop.client.alive
     if used and not inStep:
         assert not hop.client.alive
+
+
+def _longReply(index: int, lines: int = 20) -> bytes:
+    text = [f"250-{index} " + "x" * 150 for _ in range(lines - 1)] + [f"250 {index} ok"]
+    return ("\r\n".join(text) + "\r\n").encode()
+
+
+def test_a_flood_of_owed_replies_stops_the_reading_until_they_are_read():
+    hop = NextHop({})
+    run(hop, "a@x.test")
+    client, transport = hop.client, hop.transport
+    client.sendRaw(b"RCPT TO:<a@x.test>\r\n" * 1000, replies=1000)  # a pipelined flight: 1000 replies owed
+    flood = b"".join(_longReply(i) for i in range(1000))  # about 3 MB of 250 lines
+    offset = 0
+    while offset < len(flood) and transport.producerState != "paused":
+        client.dataReceived(flood[offset : offset + 16384])
+        offset += 16384
+    assert transport.producerState == "paused" and client.readingPaused
+    assert offset < len(flood) // 10, "reading went on"
+    assert client._queuedOctets <= REPLY_BUFFER + 16384 + MAX_REPLY_OCTETS
+    # As deliver() reads them, reading resumes; everything arrives in order.
+    codes = []
+    for _ in range(1000):
+        got = []
+        client.reply(1).addCallback(got.append)
+        while not got and offset < len(flood):
+            assert transport.producerState == "producing"
+            client.dataReceived(flood[offset : offset + 16384])
+            offset += 16384
+        assert got, "a reply never came"
+        codes.append(got[0].lines[0].split()[0])
+        assert client._queuedOctets <= REPLY_BUFFER + 16384 + MAX_REPLY_OCTETS
+    assert codes == [str(i) for i in range(1000)]
+    assert client.alive and transport.producerState == "producing"
+
+
+def test_one_reply_larger_than_its_bound_closes_the_session():
+    hop = NextHop({})
+    run(hop, "a@x.test")
+    hop.client.sendRaw(b"NOOP\r\n")
+    hop.client.dataReceived(b"".join(b"250-" + b"y" * 4000 + b"\r\n" for _ in range(20)))
+    assert not hop.client.alive and hop.transport.disconnecting
+    assert hop.client._lines == [] or hop.client._lost is not None

@@ -61,6 +61,11 @@ CHUNK = 256 * 1024
 DIRECT_PER_TURN = 4 * CHUNK
 MAX_REPLY_LINES = 100
 MAX_LINE = 4096
+# One reply, all its lines: far more than any EHLO reply needs.
+MAX_REPLY_OCTETS = 64 * 1024
+# Replies received but not yet read by deliver() (owed ones: a pipelined flight
+# of many RCPTs) above this: stop reading the socket until they are read.
+REPLY_BUFFER = 64 * 1024
 MAX_STATUS_TEXT = 1000  # of a peer's reply kept in a recipient's status (envelope, DSN, logs)
 
 
@@ -203,14 +208,21 @@ class SMTPClient(Protocol):
     It counts the replies it is owed (one per command sent, one for the
     greeting): a reply beyond that is one nobody asked for, and the
     connection is closed at once.  So what a server can make us hold is
-    bounded by what we sent, whatever it floods us with.
+    bounded by what we sent, whatever it floods us with.  Each reply is
+    bounded too (C{MAX_REPLY_LINES}, C{MAX_REPLY_OCTETS}), and while the
+    replies received but not yet read exceed C{REPLY_BUFFER} (a pipelined
+    flight of a thousand RCPTs, each answered at length), the socket is not
+    read: the next hop's replies wait in its own buffers, not in ours.
     """
 
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
         self._buffer = b""
         self._lines: list[str] = []
+        self._lineOctets = 0
         self._replies: list[Reply] = []
+        self._queuedOctets = 0  # of the replies in _replies
+        self.readingPaused = False
         self._waiting: list[Deferred[Reply]] = []
         self._lost: Failure | None = None
         self._owed = 1  # the greeting
@@ -243,11 +255,12 @@ class SMTPClient(Protocol):
         if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3] not in " -"):
             return self._abort(f"bad reply line {_printable(line, 80)!r}")
         self._lines.append(line[4:])
-        if len(self._lines) > MAX_REPLY_LINES:
+        self._lineOctets += len(line)
+        if len(self._lines) > MAX_REPLY_LINES or self._lineOctets > MAX_REPLY_OCTETS:
             return self._abort("reply too long")
         if len(line) == 3 or line[3] == " ":
             reply = Reply(int(line[:3]), tuple(self._lines))
-            self._lines = []
+            octets, self._lines, self._lineOctets = self._lineOctets, [], 0
             if self._owed <= 0:
                 return self._abort(f"reply nobody asked for: {reply.code} {_printable(reply.text, 80)}")
             self._owed -= 1
@@ -256,6 +269,10 @@ class SMTPClient(Protocol):
                 self._waiting.pop(0).callback(reply)
             else:
                 self._replies.append(reply)
+                self._queuedOctets += octets
+                if self._queuedOctets > REPLY_BUFFER and not self.readingPaused and self.transport is not None:
+                    self.readingPaused = True
+                    self.transport.pauseProducing()
 
     def _abort(self, why: str, error: type[SessionError] = OutOfStep) -> None:
         if self._lost is None:
@@ -293,7 +310,12 @@ class SMTPClient(Protocol):
     def reply(self, timeout: float) -> Deferred[Reply]:
         """The next reply, in order; fails if the connection goes or C{timeout} passes."""
         if self._replies:
-            return succeed(self._replies.pop(0))
+            reply = self._replies.pop(0)
+            self._queuedOctets -= sum(len(line) + 4 for line in reply.lines)
+            if self.readingPaused and self._queuedOctets <= REPLY_BUFFER // 2 and self._lost is None:
+                self.readingPaused = False
+                self.transport.resumeProducing()
+            return succeed(reply)
         if self._lost is not None:
             return fail(self._lost)
         d: Deferred[Reply] = Deferred()
