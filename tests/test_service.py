@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import resource
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from relay.delivery.router import Router
 from relay.plugin import PluginContext
 from relay.queue.memory import MemoryQueueStore
 from relay.queue.scheduler import Scheduler
-from relay.service import Executors, Listener, RelayService
+from relay.service import Executors, Listener, RelayService, raiseFdLimit, withBacklog
 
 
 class Store(MemoryQueueStore):
@@ -165,3 +166,19 @@ def test_plugin_context_dns_defaults_to_blocking():
 
     context = PluginContext(reactor=Clock(), hostname="h", postmaster="p@h", state_dir=Path("."), blocking=runner)
     assert context.dns is runner
+
+
+def test_listeners_get_the_configured_backlog_unless_they_name_one():
+    assert withBacklog("tcp:2525:interface=127.0.0.1", 1024) == "tcp:2525:interface=127.0.0.1:backlog=1024"
+    assert withBacklog("unix:/run/relay.sock", 100) == "unix:/run/relay.sock:backlog=100"
+    assert withBacklog("ssl:465:privateKey=k.pem", 100) == "ssl:465:privateKey=k.pem:backlog=100"
+    assert withBacklog("tcp:25:backlog=5", 1024) == "tcp:25:backlog=5"
+    assert withBacklog("systemd:domain=INET:index=0", 1024) == "systemd:domain=INET:index=0"
+
+
+def test_the_fd_limit_is_raised_to_the_hard_limit_where_allowed():
+    before, now, hard = raiseFdLimit()
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert now == soft >= before
+    if hard != resource.RLIM_INFINITY:
+        assert now == hard
