@@ -316,8 +316,11 @@ class SMTPServer(Protocol, TimeoutMixin):
     # -- producer of replies (the transport pauses us) --------------------
 
     def pauseProducing(self) -> None:
+        # No more commands are answered; input still comes in up to
+        # PAUSE_ABOVE, then reading stops.  Reading does not stop at once: a
+        # TLS transport pauses us for the greeting written before its
+        # handshake, which needs reading to complete.
         self._writePaused = True
-        self._updateReading()
 
     def resumeProducing(self) -> None:
         self._writePaused = False
@@ -329,10 +332,10 @@ class SMTPServer(Protocol, TimeoutMixin):
         pass  # the connection is going: connectionLost follows
 
     def _updateReading(self) -> None:
-        """Read from the client unless something is behind: our replies, a busy answer, or the store."""
+        """Read from the client unless input is piling up behind an answer (or our replies), or the store is behind."""
         if self.phase is Phase.CLOSED:
             return
-        pause = self._writePaused or self._paused or self._storeBehind is not None
+        pause = self._paused or self._storeBehind is not None
         if pause != self._readPaused:
             self._readPaused = pause
             if pause:
@@ -391,7 +394,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         if not self._busy:
             self.resetTimeout()
             self._pump()
-        elif len(self._buffer) > PAUSE_ABOVE and not self._paused:
+        if (self._busy or self._writePaused) and len(self._buffer) > PAUSE_ABOVE and not self._paused:
             self._paused = True
             self._updateReading()
 
@@ -405,7 +408,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._pumping = False
         if self.phase is Phase.CLOSED:
             return
-        if self._paused and not self._busy and len(self._buffer) <= PAUSE_ABOVE:
+        if self._paused and not self._busy and not self._writePaused and len(self._buffer) <= PAUSE_ABOVE:
             self._paused = False
             self._updateReading()
         self._watchCommand()
