@@ -19,7 +19,7 @@ flood cannot fill the disk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.logger import Logger
@@ -49,13 +49,32 @@ def sessionCap(setting: int | None, fdLimit: int) -> int:
 
 
 @dataclass
+class _LogLimit:
+    """At most one refusal line per interval; the ones left out are counted and told in the next."""
+
+    loggedAt: float = float("-inf")
+    unlogged: int = 0
+
+    def quiet(self, now: float, interval: float) -> bool:
+        return now - self.loggedAt < interval
+
+    def suffix(self, now: float, interval: float) -> str | None:
+        """The tail of a line to log now, or None (counted) when one was logged less than C{interval} ago."""
+        if self.quiet(now, interval):
+            self.unlogged += 1
+            return None
+        more = f" ({self.unlogged} more refused since the last line)" if self.unlogged else ""
+        self.loggedAt, self.unlogged = now, 0
+        return more
+
+
+@dataclass
 class _Address:
     sessions: int = 0
     tokens: float = 0.0  # connections left in the rate bucket, as of `stamp`
     stamp: float = 0.0
     rate: int = 0  # the bucket's size (per minute) when last used; 0 = no bucket
-    loggedAt: float = float("-inf")
-    unlogged: int = 0
+    logged: _LogLimit = field(default_factory=_LogLimit)
 
 
 class SessionLimits:
@@ -74,8 +93,7 @@ class SessionLimits:
         self.sessions = 0
         self._addresses: dict[str, _Address] = {}
         self._lastSweep = clock.seconds()
-        self._globalLoggedAt = float("-inf")
-        self._globalUnlogged = 0
+        self._globalLogged = _LogLimit()
 
     def __len__(self) -> int:
         """Addresses remembered (for tests: memory stays bounded)."""
@@ -144,33 +162,22 @@ class SessionLimits:
             for client, entry in self._addresses.items()
             if entry.sessions <= 0
             and (entry.rate == 0 or now - entry.stamp >= RATE_PERIOD)
-            and now - entry.loggedAt >= self.logInterval
+            and not entry.logged.quiet(now, self.logInterval)
         ]:
             del self._addresses[client]
 
     def _logRefusal(self, entry: _Address, now: float, client: str, reason: str) -> None:
-        if now - entry.loggedAt < self.logInterval:
-            entry.unlogged += 1
-            return
-        more = f" ({entry.unlogged} more refused since the last line)" if entry.unlogged else ""
-        entry.loggedAt, entry.unlogged = now, 0
-        self.log.warn(
-            "refused connection from {client}: {reason}{more}",
-            client=client,
-            reason=reason,
-            more=more,
-        )
+        more = entry.logged.suffix(now, self.logInterval)
+        if more is not None:
+            self.log.warn("refused connection from {client}: {reason}{more}", client=client, reason=reason, more=more)
 
     def _logGlobal(self, now: float, client: str) -> None:
         # One line per interval for the whole server: this limit is not any one address's doing.
-        if now - self._globalLoggedAt < self.logInterval:
-            self._globalUnlogged += 1
-            return
-        more = f" ({self._globalUnlogged} more refused since the last line)" if self._globalUnlogged else ""
-        self._globalLoggedAt, self._globalUnlogged = now, 0
-        self.log.warn(
-            "refused connection from {client}: max_sessions ({limit}) reached{more}",
-            client=client,
-            limit=self.maxSessions,
-            more=more,
-        )
+        more = self._globalLogged.suffix(now, self.logInterval)
+        if more is not None:
+            self.log.warn(
+                "refused connection from {client}: max_sessions ({limit}) reached{more}",
+                client=client,
+                limit=self.maxSessions,
+                more=more,
+            )
