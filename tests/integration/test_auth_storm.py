@@ -104,37 +104,40 @@ def test_an_auth_storm_slows_and_locks_out_the_guesser_while_honest_mail_flows(t
     except OSError as e:
         pytest.skip(f"cannot connect from 127.0.0.2: {e}")
     r = start(tmp_path)
-    assert sendQueue(r.port) == 777  # [listener:NAME] backlog reached listen()
-    latencies = []
-    began = time.monotonic()
-    with Storm(r.port) as storm:
-        time.sleep(0.5)  # the auth threads are busy from here on
-        while time.monotonic() - began < STORM_SECONDS:
-            latencies.append(honestMessage(r.port))
-            time.sleep(0.5)
-        answers = list(storm.answers)
-    codes = [code for _, code in answers]
-    locked = [t for t, code in answers if code == 454]
-    assert locked, f"never locked out: {sorted(set(codes))}"
-    lockedAt = min(locked)
-    checked = [t for t, code in answers if code == 535]
-    before = [t for t in checked if t < lockedAt]
-    after = [t for t in checked if t >= lockedAt]
-    beforeRate = len(before) / max(lockedAt - began, 1e-3)
-    afterRate = len(after) / max(time.monotonic() - lockedAt, 1e-3)
-    print(
-        f"\nAUTH storm, {SESSIONS} sessions: {len(checked)} guesses checked, {len(locked)} answered 454;"
-        f" {beforeRate:.1f} guesses/s before the lockout ({lockedAt - began:.2f} s in),"
-        f" {afterRate:.2f} guesses/s after (checks already under way);"
-        f" honest 250 latencies: max {max(latencies):.3f} s, mean {sum(latencies) / len(latencies):.3f} s"
-        f" over {len(latencies)} messages"
-    )
-    assert max(latencies) < 1.0, latencies
-    assert len(latencies) >= 5
-    assert not [code for code in codes if code == 235]
-    # After the lockout, no guess is checked but those already under way (at most one per session).
-    assert len(after) <= SESSIONS
-    assert waitFor(lambda: len(r.delivered("user@localhost")) == len(latencies), 10)
-    log = r.logText()
-    assert "AUTH locked out" in log and "client=127.0.0.1" in log and "last_user=alice" in log
-    assert "guess-" not in log  # no password is ever logged
+    try:
+        assert sendQueue(r.port) == 777  # [listener:NAME] backlog reached listen()
+        latencies = []
+        began = time.monotonic()
+        with Storm(r.port) as storm:
+            time.sleep(0.5)  # the auth threads are busy from here on
+            while time.monotonic() - began < STORM_SECONDS:
+                latencies.append(honestMessage(r.port))
+                time.sleep(0.5)
+            answers = list(storm.answers)
+        codes = [code for _, code in answers]
+        locked = [t for t, code in answers if code == 454]
+        assert locked, f"never locked out: {sorted(set(codes))}"
+        lockedAt = min(locked)
+        checked = [t for t, code in answers if code == 535]
+        before = [t for t in checked if t < lockedAt]
+        after = [t for t in checked if t >= lockedAt]
+        beforeRate = len(before) / max(lockedAt - began, 1e-3)
+        afterRate = len(after) / max(time.monotonic() - lockedAt, 1e-3)
+        print(
+            f"\nAUTH storm, {SESSIONS} sessions: {len(checked)} guesses checked, {len(locked)} answered 454;"
+            f" {beforeRate:.1f} guesses/s before the lockout ({lockedAt - began:.2f} s in),"
+            f" {afterRate:.2f} guesses/s after (checks already under way);"
+            f" honest 250 latencies: max {max(latencies):.3f} s, mean {sum(latencies) / len(latencies):.3f} s"
+            f" over {len(latencies)} messages"
+        )
+        assert max(latencies) < 1.0, latencies
+        assert len(latencies) >= 5
+        assert not [code for code in codes if code == 235]
+        # After the lockout, no guess is checked but those already under way (at most one per session).
+        assert len(after) <= SESSIONS
+        assert waitFor(lambda: len(r.delivered("user@localhost")) == len(latencies), 10)
+        log = r.logText()
+        assert "AUTH locked out" in log and "client=127.0.0.1" in log and "last_user=alice" in log
+        assert "guess-" not in log  # no password is ever logged
+    finally:
+        r.stop()
