@@ -91,6 +91,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     ),
     "control": ("endpoint",),
     "metrics": ("endpoint",),
+    "log": ("format",),
 }
 _OPEN = ("validator", "delivery", "queue", "routes")
 _QUEUE_KEYS = (
@@ -108,7 +109,8 @@ _QUEUE_KEYS = (
 )
 _NAMED = ("listener", "validator", "delivery")
 _KNOWN = (
-    "relay, listener:NAME, tls, auth, threads, policy, validator:NAME, queue, delivery:NAME, routes, control, metrics"
+    "relay, listener:NAME, tls, auth, threads, policy, validator:NAME, queue, delivery:NAME, routes, control, metrics,"
+    " log"
 )
 
 
@@ -271,6 +273,7 @@ class Settings:
     max_sessions: int | None = None  # None: auto, from the fd limit (relay.smtp.limits.sessionCap)
     auth: AuthSettings = field(default_factory=AuthSettings)
     threads: ThreadSettings = field(default_factory=ThreadSettings)
+    log_format: str = "text"  # [log] format: text (key=value lines) or json (one object per line)
     _table: Mapping[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -698,6 +701,7 @@ def load(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = Non
         max_sessions=max_sessions,
         auth=_auth(r),
         threads=_threads(r),
+        log_format=r.choice("log", "format", "text", ("text", "json")),
     )
     for domain in local_words:
         if settings.route(domain) is None:

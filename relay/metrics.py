@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -38,6 +38,39 @@ class Metrics:
             ["operation"],
             registry=self.registry,
         )
+        self.sessionsOpen = Gauge("relay_sessions_open", "SMTP sessions open (admitted)", registry=self.registry)
+        self.rejected = Counter(
+            "relay_messages_rejected",
+            "Recipients and messages refused, by reason (recipient, size, bare_lf, bare_cr, line_too_long, nul, hops)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.queueByState = Gauge(
+            "relay_queue_messages",
+            "Messages in the queue by state: active (in memory, being or about to be attempted), waiting (on disk)",
+            ["state"],
+            registry=self.registry,
+        )
+        self.oldestAge = Gauge(
+            "relay_queue_oldest_age_seconds",
+            "Age of the oldest message in the active set (0 when it is empty)",
+            registry=self.registry,
+        )
+        self.deliveryLatency = Histogram(
+            "relay_delivery_seconds",
+            "Time one delivery attempt took, from the backend's call to its results, by backend",
+            ["backend"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=self.registry,
+        )
+
+    def watchScheduler(self, scheduler: Any) -> None:
+        """Read the queue's figures from C{scheduler} at each scrape."""
+        self.queued.set_function(scheduler.queued)
+        self.active.set_function(scheduler.held)
+        self.queueByState.labels(state="active").set_function(scheduler.held)
+        self.queueByState.labels(state="waiting").set_function(lambda: max(0, scheduler.queued() - scheduler.held()))
+        self.oldestAge.set_function(scheduler.oldestAge)
 
     def pluginFailed(self, kind: str, plugin: str) -> None:
         self.pluginFailures.labels(kind=kind, plugin=plugin).inc()

@@ -382,8 +382,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         attemptTimeout=queue.delivery_timeout,
         metrics=metrics,
     )
-    metrics.queued.set_function(scheduler.queued)
-    metrics.active.set_function(scheduler.held)
+    metrics.watchScheduler(scheduler)
     top = RelayService(
         settings, store, scheduler, onFatal=lambda message: exitOnFatal(reactor, message), executors=executors
     )
@@ -407,6 +406,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         policy=policy,
         store=store,
         onAccepted=lambda envelope: (metrics.accepted.inc(), scheduler.enqueue(envelope)),
+        metrics=metrics,
         clock=reactor,
         commitTimeout=queue.commit_timeout,
     )

@@ -30,5 +30,5 @@ def makeService(options: Options) -> IService:
         # One line, no traceback: the operator fixes the file and starts again.
         sys.stderr.write(f"relay: {e}\n")
         raise SystemExit(2)
-    service.logObserver = twistdObserver(getattr(options, "parent", None), sys.stdout)
+    service.logObserver = twistdObserver(getattr(options, "parent", None), sys.stdout, service.settings.log_format)
     return service

@@ -7,6 +7,7 @@ only offered to twistd when twistd would write text to standard output.
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 
@@ -100,3 +101,58 @@ def test_the_relay_service_hands_its_observer_to_the_application():
     application = Application("relay")
     service.setServiceParent(application)
     assert application.getComponent(ILogObserver, None) is observer
+
+
+# -- operator events ---------------------------------------------------------
+
+
+def test_event_text_is_stable_key_value():
+    from relay.logs import eventText
+
+    fields = {"queue_id": "Q1", "from": "", "to": "a@b", "user": None, "reply": 'said "no" = x', "delay": 1.23456}
+    assert eventText("accepted", fields) == (
+        'event=accepted queue_id=Q1 from=<> to=<a@b> reply="said \\"no\\" = x" delay=1.235'
+    )
+
+
+def test_json_observer_writes_one_object_per_line_with_the_events_fields():
+    from twisted.logger import Logger
+
+    from relay.logs import JSONLogObserver, logEvent
+
+    out = io.StringIO()
+    log = Logger(namespace="relay.test", observer=JSONLogObserver(out))
+    logEvent(log, "delivered", {"queue_id": "Q{1}", "to": "a@b", "code": 250, "relay": None})
+    log.info("plain {x}", x=1)
+    try:
+        _ = 1 / 0
+    except ZeroDivisionError:
+        log.failure("it broke")
+    lines = out.getvalue().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 3
+    assert records[0]["event"] == "delivered" and records[0]["queue_id"] == "Q{1}" and records[0]["code"] == 250
+    assert "relay" not in records[0] and records[0]["level"] == "info" and records[0]["time"].endswith("Z")
+    assert records[1]["event"] == "log" and records[1]["text"] == "plain 1"
+    assert "ZeroDivisionError" in records[2]["traceback"]
+
+
+def test_the_text_observer_writes_the_events_key_value_form():
+    from twisted.logger import Logger
+
+    from relay.logs import logEvent
+
+    out = io.StringIO()
+    log = Logger(namespace="relay.test", observer=TextLogObserver(out))
+    logEvent(log, "rejected", {"reason": "bare_lf", "from": "a{b}@c", "code": 554})
+    assert out.getvalue().endswith("[relay.test#info] event=rejected reason=bare_lf from=<a{b}@c> code=554\n")
+
+
+def test_json_format_is_offered_for_standard_output_and_log_files(tmp_path):
+    from relay.logs import JSONLogObserver
+
+    out = io.StringIO()
+    foreground = {"nodaemon": True, "logfile": None, "syslog": False, "logger": None}
+    assert isinstance(twistdObserver(foreground, out, "json"), JSONLogObserver)
+    assert isinstance(twistdObserver({**foreground, "logfile": str(tmp_path / "r.log")}, out, "json"), JSONLogObserver)
+    assert twistdObserver({**foreground, "syslog": True}, out, "json") is None

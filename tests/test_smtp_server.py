@@ -511,12 +511,13 @@ def test_accepted_line_is_logged_as_sent_braces_and_all(monkeypatch):
     s.ready()
     commands = b"MAIL FROM:<a{x}b@example.org>\r\nRCPT TO:<a@localhost>\r\nDATA\r\n"
     assert s.codes(commands + MESSAGE + b".\r\n")[-1] == "250 2.0.0"
-    [event] = [e for e in events if e.get("queue_id")]
+    [event] = [e for e in events if e.get("relay_event") == "accepted"]
     accepted = s.accepted[0]
     assert formatEvent(event) == (
-        f"accepted {accepted.queue_id} from=<a{{x}}b@example.org> size={accepted.size} nrcpt=1 client=192.0.2.10"
+        f"event=accepted queue_id={accepted.queue_id} from=<a{{x}}b@example.org> size={accepted.size} nrcpt=1"
+        " client=192.0.2.10"
     )
-    assert (event["sender"], event["nrcpt"]) == ("a{x}b@example.org", 1)
+    assert (event["relay_fields"]["from"], event["relay_fields"]["nrcpt"]) == ("a{x}b@example.org", 1)
 
 
 # -- no backscatter --------------------------------------------------------

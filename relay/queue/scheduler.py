@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 from relay.bounce import Kind, buildReport, recipientsToNotify
 from relay.delivery.router import Router
 from relay.envelope import DeliveryResult, Envelope, QueueScan, Recipient, RecipientState, Status
+from relay.logs import logEvent
 
 NO_ROUTE = Status(451, "4.3.5", "No route for recipient domain")
 # A report (from the null sender) is never bounced, so retrying one whose
@@ -219,6 +220,12 @@ class Scheduler(Service):
     def held(self) -> int:
         """Envelopes in memory: the active set."""
         return len(self._envelopes)
+
+    def oldestAge(self) -> float:
+        """Seconds since the oldest message of the active set arrived; 0 when it is empty."""
+        if not self._envelopes:
+            return 0.0
+        return max(0.0, self.clock.seconds() - min(e.received_at for e in self._envelopes.values()))
 
     def busy(self) -> dict[tuple[str, str], int]:
         """Attempts in flight per destination (backend name, domain)."""
@@ -598,6 +605,14 @@ class Scheduler(Service):
         backend = self.router.backends[name]
         d = maybeDeferred(backend.deliver, envelope, recipients, lambda: self.store.openData(envelope.queue_id))
         d.addTimeout(self.attemptTimeout, self.clock)
+        if self.metrics is not None:
+            started = self.clock.seconds()
+
+            def timed(result: Any) -> Any:
+                self.metrics.deliveryLatency.labels(backend=name).observe(self.clock.seconds() - started)
+                return result
+
+            d.addBoth(timed)
 
         def failed(failure: Any) -> list[DeliveryResult]:
             self.log.failure(
@@ -634,16 +649,12 @@ class Scheduler(Service):
             outcome = "failed" if status.permanent else "expired"
         if self.metrics is not None:
             self.metrics.outcomes.labels(backend=backend or "-", outcome=outcome).inc()
-        self.log.info(
-            "{outcome} {queue_id} to=<{to}> backend={backend} status={status} delay={delay:.3f}s attempts={attempts}",
-            outcome=outcome,
-            queue_id=envelope.queue_id,
-            to=recipient.address,
-            backend=backend or "-",
-            status=str(status),
-            delay=now - envelope.received_at,
-            attempts=recipient.attempts,
-        )
+        fields = {"queue_id": envelope.queue_id, "to": recipient.address, "backend": backend or "-"}
+        fields.update(code=status.code, dsn=status.enhanced or None, reply=status.text)
+        retryIn = None if recipient.next_attempt is None else recipient.next_attempt - now
+        fields.update(delay=now - envelope.received_at, attempt=recipient.attempts, retry_in=retryIn)
+        # A permanent failure is a bounce (a DSN goes to the sender if asked for), as Postfix says status=bounced.
+        logEvent(self.log, "bounced" if outcome == "failed" else outcome, fields)
 
     # -- service ---------------------------------------------------------
 

@@ -35,6 +35,7 @@ from relay import config
 from relay.address import Mailbox, parseMailbox
 from relay.envelope import Envelope, Recipient, Status
 from relay.fsutil import writeNow
+from relay.logs import logEvent
 from relay.policy import Policy, clientIP
 from relay.smtp import parser
 from relay.smtp.auth import MECHANISMS, Challenge, Credentials, IMailUser, startExchange
@@ -89,14 +90,6 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-ACCEPTED_LOG = "accepted {queue_id} from=<{sender}> size={size} nrcpt={nrcpt} client={client}"
-
-
-def _literal(text: str) -> str:
-    """C{text} as a log format that formats to itself."""
-    return text.replace("{", "{{").replace("}", "}}")
-
-
 def _reply(code: int, enhanced: str, text: str) -> Status:
     return Status(code, enhanced, text)
 
@@ -136,12 +129,22 @@ AUTH_FAILED = _reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_REQUIRED = _reply(530, "5.7.0", "Authentication required")
 BINARYMIME_NEEDS_BDAT = _reply(503, "5.5.1", "Error: BODY=BINARYMIME requires BDAT")
 TOO_MANY_ERRORS = _reply(421, "4.7.0", "Error: too many errors")
+SHUTTING_DOWN = _reply(421, "4.3.2", "Error: service shutting down, try again later")
 AUTH_LOCKED_OUT = _reply(454, "4.7.0", "Error: too many authentication failures; try again later")
 DATA_ERRORS = {
     DataError.BARE_LF: _reply(554, "5.6.0", "Error: message has bare <LF> line endings"),
     DataError.BARE_CR: _reply(554, "5.6.0", "Error: message has bare <CR> characters"),
     DataError.LINE_TOO_LONG: _reply(554, "5.6.0", "Error: message has a line longer than 998 octets"),
     DataError.NUL: _reply(554, "5.6.0", "Error: message has NUL characters"),
+}
+# Why a message was refused, for the rejected line and relay_messages_rejected_total{reason}.
+_REFUSAL_REASONS = {
+    DATA_ERRORS[DataError.BARE_LF]: "bare_lf",
+    DATA_ERRORS[DataError.BARE_CR]: "bare_cr",
+    DATA_ERRORS[DataError.LINE_TOO_LONG]: "line_too_long",
+    DATA_ERRORS[DataError.NUL]: "nul",
+    MESSAGE_TOO_BIG: "size",
+    TOO_MANY_HOPS: "hops",
 }
 # Replies that say nothing bad about the client: not counted towards the error
 # limit.  452 is counted (a client that meets it again and again is asking
@@ -182,6 +185,8 @@ class ServerSettings:
     limits: SessionLimits | None = None
     # relay.smtp.throttle.AuthThrottle (lockedOut, failed, succeeded); None: no throttling.
     authThrottle: Any = None
+    # relay.metrics.Metrics: sessions open, rejections by reason; None: not counted.
+    metrics: Any = None
 
 
 def listenerSettings(base: ServerSettings, listener: config.Listener) -> ServerSettings:
@@ -262,6 +267,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._trace: TraceCounter | None = None
         self._size = 0
         self._problem: Status | None = None
+        self._connectedAt: float | None = None  # admitted: connect logged, disconnect to log
+        self._accepted = 0
+        self._stopping = False  # the relay is stopping: 421 once no transaction is open
 
     # -- connection ------------------------------------------------------
 
@@ -276,6 +284,10 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._send(_reply(421, "4.7.0", f"{self.settings.hostname} Error: {refusal}"))
             self._close()
             return
+        self._connectedAt = self.settings.clock.seconds()
+        if self.settings.metrics is not None:
+            self.settings.metrics.sessionsOpen.inc()
+        logEvent(self.log, "connect", {"client": self.client, "port": getattr(peer, "port", None)})
         # The transport tells us when it holds too many unsent replies: a
         # client that pipelines commands and never reads is then not read.
         self.transport.registerProducer(self, True)
@@ -287,6 +299,12 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.setTimeout(None)
         self._cancelTimers()
         self._abortIncoming()
+        if self._connectedAt is not None:
+            if self.settings.metrics is not None:
+                self.settings.metrics.sessionsOpen.dec()
+            duration = self.settings.clock.seconds() - self._connectedAt
+            self._connectedAt = None
+            logEvent(self.log, "disconnect", {"client": self.client, "messages": self._accepted, "duration": duration})
         self.factory.release(self)
 
     def _cancelTimers(self) -> None:
@@ -352,6 +370,29 @@ class SMTPServer(Protocol, TimeoutMixin):
             if self.errors >= self.settings.maxErrors:
                 self._write(TOO_MANY_ERRORS.reply())
                 self._close()
+                return
+        if self._stopping and self.phase is not Phase.CLOSED and self._betweenTransactions():
+            self.shutdown(now=True)
+
+    # -- stopping --------------------------------------------------------
+
+    def _betweenTransactions(self) -> bool:
+        return self.transaction is None and not self._busy and self._chunk is None and self.phase is not Phase.DATA
+
+    def shutdown(self, now: bool = False) -> None:
+        """
+        The relay is stopping.  A session between transactions gets
+        C{421 4.3.2} at once; one in the middle of a transaction (or owed the
+        answer to its end of data) gets it right after the answer that ends
+        it, unless C{now} (the grace is over): then at once, the message not
+        acknowledged and dropped from the store, so the client sends it again.
+        """
+        if self.phase is Phase.CLOSED:
+            return
+        self._stopping = True
+        if now or self._betweenTransactions():
+            self._write(SHUTTING_DOWN.reply())
+            self._close()
 
     def _sendLines(self, code: int, lines: list[str]) -> None:
         out = [f"{code}-{line}\r\n" for line in lines[:-1]]
@@ -744,6 +785,9 @@ class SMTPServer(Protocol, TimeoutMixin):
             if status.ok and self.transaction is transaction:
                 transaction.recipients.append(Recipient(address, notify=notify, orcpt=params.orcpt))
                 self.phase = Phase.RCPT
+            elif not status.ok:
+                sender = str(transaction.sender) if transaction.sender else ""
+                self._rejected("recipient", status, sender, address)
             return status
 
         if isinstance(answer, Status):
@@ -941,6 +985,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._wait(self._endOfMessage())
         elif self._problem is not None:
             problem = self._problem
+            self._rejected(_REFUSAL_REASONS.get(problem, "message"), problem, self.transaction)
             self._resetTransaction()
             self._send(problem)
         else:
@@ -956,6 +1001,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         if self._problem is not None:
             problem, self._problem = self._problem, None
             self._abortIncoming()
+            self._rejected(_REFUSAL_REASONS.get(problem, "message"), problem, transaction)
             return succeed(problem)
         self._incoming = None
         params = transaction.params
@@ -1018,18 +1064,42 @@ class SMTPServer(Protocol, TimeoutMixin):
                 queue_id=envelope.queue_id,
             )
 
+    def _rejected(self, reason: str, status: Status, transaction: Any, to: str | None = None) -> None:
+        """One C{rejected} line, and the count by C{reason}: a refused recipient or message."""
+        if isinstance(transaction, Transaction):
+            sender: str | None = str(transaction.sender) if transaction.sender else ""
+        else:
+            sender = transaction
+        if self.settings.metrics is not None:
+            self.settings.metrics.rejected.labels(reason=reason).inc()
+        fields = {"reason": reason, "client": self.client, "from": sender, "to": to, "user": self.authenticated}
+        fields.update(code=status.code, dsn=status.enhanced, reply=status.text)
+        logEvent(self.log, "rejected", fields)
+
+    def _tlsInfo(self) -> tuple[str | None, str | None]:
+        """The session's TLS protocol and cipher (C{TLSv1.3}, C{TLS_AES_256_GCM_SHA384}), or Nones."""
+        if not self.tls:
+            return None, None
+        try:
+            connection = self.transport.getHandle()
+            return connection.get_protocol_version_name(), connection.get_cipher_name()
+        except Exception:
+            return "yes", None
+
     def _committed(self, envelope: Envelope) -> Status:
+        self._accepted += 1
+        protocol, cipher = self._tlsInfo()
         fields = {
             "queue_id": envelope.queue_id,
-            "sender": envelope.sender,
+            "from": envelope.sender,
             "size": envelope.size,
             "nrcpt": len(envelope.recipients),
             "client": envelope.client_address,
+            "user": envelope.auth,
+            "tls": protocol,
+            "cipher": cipher,
         }
-        # One line per message: formatted here by str.format (C), so that
-        # Twisted's pure-Python formatter finds no field left to fill; the
-        # fields still travel with the event for structured observers.
-        self.log.info(_literal(ACCEPTED_LOG.format_map(fields)), **fields)
+        logEvent(self.log, "accepted", fields)
         try:
             self.settings.onAccepted(envelope)
         except Exception:
@@ -1075,6 +1145,8 @@ class SMTPServerFactory(ServerFactory):
         self.settings = settings
         self.greeting = _reply(220, "2.0.0", f"{settings.hostname} ESMTP relay")
         self.limits = settings.limits if settings.limits is not None else SessionLimits(settings.clock)
+        self.sessions: set[SMTPServer] = set()  # admitted and open, for shutdown
+        self._closed: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         protocol = SMTPServer(self.settings)
@@ -1087,9 +1159,39 @@ class SMTPServerFactory(ServerFactory):
         trusted = clientIP(client) is None or self.settings.policy.mayRelay(client, None)
         refusal = self.limits.admit(client, trusted, self.settings)
         protocol._admitted = refusal is None
+        if refusal is None:
+            self.sessions.add(protocol)
         return refusal
 
     def release(self, protocol: SMTPServer) -> None:
         if protocol._admitted:
             protocol._admitted = False
             self.limits.release(protocol.client)
+        self.sessions.discard(protocol)
+        if not self.sessions:
+            closed, self._closed = self._closed, []
+            for d in closed:
+                d.callback(None)
+
+    def shutdown(self, grace: float) -> Deferred[None]:
+        """
+        Tell every session the relay is stopping (see L{SMTPServer.shutdown})
+        and, after C{grace} seconds, close those still in a transaction.
+        Fires once every session has gone; a client that does not read its
+        421 is cut off by the session's close grace.
+        """
+        done: Deferred[None] = Deferred()
+        if not self.sessions:
+            done.callback(None)
+            return done
+        self._closed.append(done)
+        for session in list(self.sessions):
+            session.shutdown()
+        if self.sessions:
+            timer = self.settings.clock.callLater(grace, self._graceOver)
+            done.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        return done
+
+    def _graceOver(self) -> None:
+        for session in list(self.sessions):
+            session.shutdown(now=True)
