@@ -52,7 +52,7 @@ _BOOLEANS = {
 # Sections whose every key is known here.  The _OPEN ones take any key: a
 # route pattern, or an option passed on to the plugin that will check it.
 _KEYS: dict[str, tuple[str, ...]] = {
-    "relay": ("hostname", "postmaster", "state_dir", "max_sessions"),
+    "relay": ("hostname", "postmaster", "state_dir", "max_sessions", "shutdown_grace"),
     "listener": (
         "endpoint",
         "tls",
@@ -271,6 +271,7 @@ class Settings:
     metrics_endpoint: str | None
     validator_timeout: float = 30.0
     max_sessions: int | None = None  # None: auto, from the fd limit (relay.smtp.limits.sessionCap)
+    shutdown_grace: float = 30.0  # SIGTERM: how long a session may finish its transaction
     auth: AuthSettings = field(default_factory=AuthSettings)
     threads: ThreadSettings = field(default_factory=ThreadSettings)
     log_format: str = "text"  # [log] format: text (key=value lines) or json (one object per line)
@@ -610,6 +611,7 @@ def load(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = Non
         raise r.error("relay", "postmaster", f"bad address {postmaster!r}: {e}") from None
     state_dir = r.resolve((r.get("relay", "state_dir") or "var").strip())
     max_sessions = r.convert("relay", "max_sessions", "auto", _maxSessions)
+    shutdown_grace = r.convert("relay", "shutdown_grace", "30s", parse_duration)
 
     listeners = tuple(_listener(r, s) for s in r.named("listener"))
     if not listeners:
@@ -699,6 +701,7 @@ def load(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = Non
         metrics_endpoint=metrics,
         validator_timeout=validatorTimeout,
         max_sessions=max_sessions,
+        shutdown_grace=shutdown_grace,
         auth=_auth(r),
         threads=_threads(r),
         log_format=r.choice("log", "format", "text", ("text", "json")),

@@ -127,6 +127,14 @@ class Executors:
                 pool.stop()
 
 
+class StartupError(Exception):
+    """Start-up cannot go on (a listener cannot bind); the message is one line for the operator."""
+
+
+def _raiseStartupError(message: str) -> None:
+    raise StartupError(message)
+
+
 def exitOnFatal(reactor: Any, message: str) -> None:
     """
     Stop the process with a non-zero status and C{message} as one line on
@@ -165,6 +173,14 @@ class RelayService(MultiService):
         self.recovery: Deferred[None] | None = None
         self.logObserver: Any = None
         """An observer for C{twistd} to log through (see L{relay.logs}), or None for its own."""
+        self.startupFailed: Callable[[str], None] = _raiseStartupError
+        """Called with one line when a listener cannot bind; must not return (twistd sets how to exit)."""
+        self.factories: list[Any] = []
+        """The SMTP server factories of the listeners: told to stop, and given new settings on reload."""
+        self.clock: Any = None
+        self.rebuild: Callable[[Settings], Callable[[], None]] | None = None
+        """Builds what a reload replaces from new settings and returns the function that puts it in place."""
+        self.stopping = False
 
     def setServiceParent(self, parent: Any) -> Any:
         # twistd asks the application for an ILogObserver only after
@@ -172,6 +188,31 @@ class RelayService(MultiService):
         if self.logObserver is not None and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, self.logObserver)
         return super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        """
+        Bind every listener (SMTP, metrics, control) now, before the reactor
+        runs and before twistd reports a daemon started: one that cannot bind
+        stops start-up with one line naming it, instead of a traceback and a
+        relay running with nothing listening.
+        """
+        Service.privilegedStartService(self)
+        for service in self:
+            if hasattr(service, "_raiseSynchronously"):
+                service._raiseSynchronously = True  # an endpoint's error raised here, not only logged
+            try:
+                service.privilegedStartService()
+            except Exception as e:
+                endpoint = getattr(service, "endpoint", None)
+                where = str(getattr(endpoint, "_port", None) or getattr(endpoint, "_address", None) or "")
+                if getattr(endpoint, "_interface", None):
+                    where = f"{endpoint._interface}:{where}"
+                what = service.name or type(service).__name__
+                reason = getattr(e, "socketError", None) or e
+                if isinstance(reason, OSError) and reason.strerror:
+                    reason = reason.strerror
+                self.startupFailed(f"{what}: cannot listen{f' on {where}' if where else ''}: {reason}")
+                raise  # startupFailed did not stop start-up: twistd will
 
     def startService(self) -> None:
         Service.startService(self)  # the children start once the queue is known to be usable
@@ -201,13 +242,82 @@ class RelayService(MultiService):
             self.onFatal(f"start-up failed: {failure.getErrorMessage()}")
 
     def stopService(self) -> Any:
+        """
+        Graceful stop: every listener stops listening at once; sessions in
+        the middle of a transaction may finish it within C{[relay]
+        shutdown_grace}, the others get C{421 4.3.2} at once (see
+        L{SMTPServerFactory.shutdown}); deliveries still running after the
+        grace are abandoned without being marked, so their messages stay
+        queued for the next start.
+        """
         Service.stopService(self)
-        stops = [maybeDeferred(service.stopService) for service in reversed(list(self)) if service.running]
+        self.stopping = True
+        grace = getattr(self.settings, "shutdown_grace", 30.0)
+        listeners = [service for service in reversed(list(self)) if service is not self.scheduler]
+        stops = [maybeDeferred(service.stopService) for service in listeners if service.running]
+        if self.scheduler.running:
+            stops.append(self._bounded(maybeDeferred(self.scheduler.stopService), grace, "deliveries in flight"))
+        stops.extend(self._bounded(factory.shutdown(grace), grace + 2.0, "sessions") for factory in self.factories)
         d: Deferred[Any] = DeferredList(stops)
         d.addCallback(lambda _: self._stopBackends())
         d.addCallback(lambda _: self.store.stop())
         d.addBoth(self._stopExecutors)
         return d
+
+    def _bounded(self, d: Deferred[Any], seconds: float, what: str) -> Deferred[Any]:
+        """C{d}, or None after C{seconds}: whatever is still running then is abandoned (and logged)."""
+        if self.clock is None or d.called:
+            return d
+        bounded: Deferred[Any] = Deferred()
+
+        def late() -> None:
+            self.log.warn("stopping: {what} still running after {seconds}s, abandoned", what=what, seconds=seconds)
+            bounded.callback(None)
+
+        timer = self.clock.callLater(seconds, late)
+
+        def done(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+                bounded.callback(None)
+            if isinstance(result, Failure):
+                self.log.failure("stopping {what} failed", result, what=what)
+
+        d.addBoth(done)
+        return bounded
+
+    def reload(self, load: Callable[[str], Settings] | None = None) -> bool:
+        """
+        Re-read the configuration file (SIGHUP): policy, routes, validators,
+        backends, certificates and the passwords file take effect for new
+        sessions and deliveries; open connections and running deliveries
+        keep what they started with.  A file that does not load is refused
+        with a line naming file, section and key, and the running
+        configuration stays.  What cannot change without a restart
+        (listeners, the queue, state_dir, endpoints) is logged as such.
+        """
+        if load is None:
+            from relay.config import load
+        if self.stopping or self.rebuild is None:
+            return False
+        try:
+            settings = load(str(self.settings.path))
+            apply = self.rebuild(settings)
+        except ConfigError as e:
+            self.log.error("reload refused, the running configuration stays: {error}", error=str(e))
+            return False
+        except Exception as e:
+            self.log.failure("reload refused, the running configuration stays: {error}", error=str(e))
+            return False
+        for key in _RESTART_KEYS:
+            if getattr(settings, key) != getattr(self.settings, key):
+                self.log.warn("reload: [{key}] changed; it takes a restart to apply", key=key)
+        apply()
+        self.settings = replace(
+            self.settings, **{name: getattr(settings, name) for name in _RELOADED_KEYS}
+        )  # the rest stays as running
+        self.log.info("reloaded {path}", path=str(self.settings.path))
+        return True
 
     def _stopExecutors(self, result: Any) -> Any:
         # Last: the store, backends and listeners hand over no more work.
@@ -223,6 +333,67 @@ class RelayService(MultiService):
             d.addErrback(lambda f, name=name: self.log.failure("stopping backend {name} failed", f, name=name))
             stops.append(d)
         return DeferredList(stops)
+
+
+# What a reload cannot change: logged as needing a restart.
+_RESTART_KEYS = (
+    "hostname",
+    "postmaster",
+    "state_dir",
+    "listeners",
+    "queue",
+    "control_endpoint",
+    "metrics_endpoint",
+    "max_sessions",
+    "auth",
+    "threads",
+)
+# What a reload takes.
+_RELOADED_KEYS = (
+    "tls_certificate",
+    "tls_private_key",
+    "auth_passwords",
+    "local_domains",
+    "relay_networks",
+    "max_message_size",
+    "max_recipients",
+    "validators",
+    "deliveries",
+    "routes",
+    "validator_timeout",
+    "shutdown_grace",
+)
+
+
+class CurrentTLS:
+    """
+    The server TLS options of an implicit-TLS listener, replaceable on
+    reload: the TLS factory asks for a context per connection, so a new
+    certificate serves new connections and open ones keep theirs.
+    """
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def getContext(self) -> Any:
+        return self.options.getContext()
+
+
+def _usableStateDir(settings: Settings) -> None:
+    """
+    Make C{state_dir} (durably) and check the relay can write in it: one
+    line naming the key, not a traceback from deep in the queue store.
+    """
+    try:
+        makeDirectories(settings.state_dir, mode=0o777)
+    except OSError as e:
+        raise ConfigError(
+            str(settings.path), "relay", "state_dir", f"cannot use {settings.state_dir}: {e.strerror or e}"
+        ) from None
+    if not os.access(settings.state_dir, os.W_OK | os.X_OK):
+        raise ConfigError(
+            str(settings.path), "relay", "state_dir", f"cannot use {settings.state_dir}: not writable by this user"
+        )
 
 
 def _build(
@@ -336,7 +507,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         )
 
     # Durably (each parent fsynced): a power cut in the first run must not take back the queue.
-    makeDirectories(settings.state_dir, mode=0o777)
+    _usableStateDir(settings)
     queue = settings.queue
     store = _build(
         settings,
@@ -426,6 +597,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         sessions=limits.maxSessions,
     )
     base = replace(base, limits=limits, authThrottle=AuthThrottle(reactor, settings.auth))
+    currentTLS: list[CurrentTLS] = []
     for listener in settings.listeners:
         serverSettings = replace(
             listenerSettings(base, listener),
@@ -436,8 +608,10 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
             portal=portal,
         )
         factory: Any = SMTPServerFactory(serverSettings)
+        top.factories.append(factory)
         if listener.tls == "implicit":
-            factory = wrapImplicit(factory, tlsOptions, clock=reactor)
+            currentTLS.append(CurrentTLS(tlsOptions))
+            factory = wrapImplicit(factory, currentTLS[-1], clock=reactor)
         endpoint = serverFromString(reactor, withBacklog(listener.endpoint, listener.backlog))
         service = Listener(endpoint, factory)
         service.setName(f"listener:{listener.name}")
@@ -448,4 +622,59 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         service = StreamServerEndpointService(serverFromString(reactor, settings.metrics_endpoint), site)
         service.setName("metrics")
         service.setServiceParent(top)
+    top.clock = reactor
+
+    def rebuild(new: Settings) -> Callable[[], None]:
+        # Everything that can fail is built here, before anything is replaced.
+        newValidators = [
+            (s.name, _build(new, IRecipientValidatorFactory, s.plugin, s.options, context(s.section, "validators")))
+            for s in new.validators
+        ]
+        newBackends = {
+            name: _build(new, IDeliveryBackendFactory, s.plugin, s.options, context(s.section, "delivery"))
+            for name, s in new.deliveries.items()
+        }
+        newRouter = Router(new.route, newBackends)
+        newPolicy = Policy(
+            new.local_domains,
+            new.relay_networks,
+            new.route,
+            newValidators,
+            reactor,
+            validatorTimeout=new.validator_timeout,
+            metrics=metrics,
+            router=newRouter,
+        )
+        newTLS = _tlsOptions(replace(new, listeners=settings.listeners))
+        newPortal = None
+        if new.auth_passwords is not None and any(listener.auth != "none" for listener in settings.listeners):
+            newPortal = makePortal(
+                PasswordFile(new.auth_passwords, executors.runner("auth"), maxCost=settings.auth.max_bcrypt_cost)
+            )
+
+        def apply() -> None:
+            old = scheduler.router.backends
+            scheduler.router = newRouter
+            for factory in top.factories:
+                factory.settings = replace(
+                    factory.settings,
+                    policy=newPolicy,
+                    maxMessageSize=new.max_message_size,
+                    maxRecipients=new.max_recipients,
+                    tlsOptions=newTLS if factory.settings.tls != "none" else None,
+                    portal=newPortal,
+                )
+            for current in currentTLS:
+                current.options = newTLS
+            # Attempts already running keep the old backends until they end (delivery_timeout at most).
+            reactor.callLater(settings.queue.delivery_timeout + 1.0, _stopOld, old)
+
+        return apply
+
+    def _stopOld(backends: Mapping[str, Any]) -> None:
+        for name, backend in backends.items():
+            d = maybeDeferred(backend.stop)
+            d.addErrback(lambda f, name=name: _log.failure("stopping replaced backend {name} failed", f, name=name))
+
+    top.rebuild = rebuild
     return top

@@ -19,6 +19,7 @@ from relay.plugin import PluginContext
 from relay.queue.memory import MemoryQueueStore
 from relay.queue.scheduler import Scheduler
 from relay.service import Executors, Listener, RelayService, raiseFdLimit, withBacklog
+from tests.smtphelpers import Session
 
 
 class Store(MemoryQueueStore):
@@ -182,3 +183,126 @@ def test_the_fd_limit_is_raised_to_the_hard_limit_where_allowed():
     assert now == soft >= before
     if hard != resource.RLIM_INFINITY:
         assert now == hard
+
+
+# -- graceful stop: the sessions ---------------------------------------------------
+
+
+def _closed(session) -> None:
+    """StringTransport does not call connectionLost; the reactor would."""
+    session.server.connectionLost(None)
+
+
+def test_an_idle_session_gets_421_at_once_and_shutdown_fires_when_it_has_gone():
+    session = Session()
+    session.ready()
+    done = []
+    session.factory.shutdown(30).addCallback(done.append)
+    assert session.take() == b"421 4.3.2 Error: service shutting down, try again later\r\n"
+    assert session.transport.disconnecting and not done
+    _closed(session)
+    assert done == [None] and not session.factory.sessions
+
+
+def test_a_session_in_a_transaction_may_finish_it_then_gets_421():
+    session = Session()
+    session.ready()
+    session.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@localhost>\r\n")
+    done = []
+    session.factory.shutdown(30).addCallback(done.append)
+    assert session.take() == b"" and not session.transport.disconnecting
+    session.clock.advance(29)
+    replies = session.send(b"DATA\r\n") + session.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    assert b"250 2.0.0 Ok: queued as" in replies
+    assert replies.endswith(b"421 4.3.2 Error: service shutting down, try again later\r\n")
+    assert len(session.accepted) == 1 and session.transport.disconnecting
+    _closed(session)
+    assert done == [None]
+
+
+def test_after_the_grace_a_transaction_is_cut_off_unacknowledged_and_nothing_is_kept():
+    session = Session()
+    session.ready()
+    session.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@localhost>\r\nDATA\r\nSubject: x\r\n\r\npart")
+    session.factory.shutdown(5)
+    session.take()
+    session.clock.advance(5)
+    assert session.take() == b"421 4.3.2 Error: service shutting down, try again later\r\n"
+    assert session.transport.disconnecting and session.accepted == []
+    assert session.store.messages == {} and all(incoming.aborted for incoming in session.store.incoming)
+
+
+def test_shutdown_with_no_session_fires_at_once():
+    session = Session()
+    _closed(session)
+    done = []
+    session.factory.shutdown(30).addCallback(done.append)
+    assert done == [None]
+
+
+# -- graceful stop: the relay -------------------------------------------------------
+
+
+class Slow(Service):
+    """A child whose stop never ends: a delivery stuck in flight."""
+
+    def stopService(self):
+        super().stopService()
+        return Deferred()
+
+
+def test_the_relay_stops_within_the_grace_abandoning_what_still_runs():
+    clock = Clock()
+    top, listener, fatal = relay(succeed(0))
+    top.settings.shutdown_grace = 3.0
+    top.clock = clock
+    top.scheduler.stopService = Slow().stopService  # deliveries in flight that never end
+    top.startService()
+    stopped = []
+    top.stopService().addCallback(stopped.append)
+    assert not listener.running and not stopped
+    clock.advance(3)
+    assert stopped
+
+
+def test_a_listener_that_cannot_bind_stops_start_up_with_one_line():
+    class Taken:
+        _port = 25
+        _interface = "127.0.0.1"
+
+        def listen(self, factory):
+            from twisted.internet.error import CannotListenError
+
+            return fail(CannotListenError("127.0.0.1", 25, OSError(errno.EADDRINUSE, "Address already in use")))
+
+    top, listener, fatal = relay(Deferred())
+    bound = Listener(Taken(), object())
+    bound.setName("listener:smtp")
+    bound.setServiceParent(top)
+    lines = []
+
+    def failed(message):
+        lines.append(message)
+        raise SystemExit(1)
+
+    top.startupFailed = failed
+    try:
+        top.privilegedStartService()
+    except SystemExit:
+        pass
+    assert lines == ["listener:smtp: cannot listen on 127.0.0.1:25: Address already in use"]
+
+
+def test_an_unusable_state_dir_is_one_config_error(tmp_path):
+    from relay.errors import ConfigError
+    from relay.service import _usableStateDir
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    settings = SimpleNamespace(path=tmp_path / "relay.ini", state_dir=blocker / "var")
+    try:
+        _usableStateDir(settings)
+    except ConfigError as e:
+        assert str(e).startswith(f"{tmp_path / 'relay.ini'}: [relay] state_dir: cannot use {blocker / 'var'}")
+    else:
+        raise AssertionError("no error")
