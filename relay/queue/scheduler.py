@@ -41,7 +41,7 @@ import heapq
 import itertools
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -65,6 +65,44 @@ BACKEND_FAILED = Status(451, "4.3.0", "Delivery backend failed")
 
 # Loads asked of the store at once while filling the active set.
 LOADS_IN_FLIGHT = 16
+
+# A held message's pending recipients are due at this time (2106), so no scan
+# ever finds it due and no store needs to know about holds: the flag itself
+# (extra["held"]) and this due time are stored together by one update, and
+# both survive a restart.  Release makes them due now.
+HELD_UNTIL = float(2**32)
+# Past every due time a store can record (nanoseconds fit in 64 bits): a scan
+# this far ahead lists the whole queue.
+EVERYTHING = float(2**33)
+# At most this many messages are listed by one operator's command.
+LIST_LIMIT = 1_000_000
+BOUNCED = Status(550, "5.0.0", "Returned to the sender by the postmaster")
+
+
+class UnknownMessage(Exception):
+    """An operator's command named a queue id that is not (or no longer) queued."""
+
+
+class OperationRefused(Exception):
+    """An operator's command cannot be done on this message now; the text says why."""
+
+
+def isHeld(envelope: Envelope) -> bool:
+    return bool(envelope.extra.get("held"))
+
+
+def matchesDomain(address: str, domain: str) -> bool:
+    """
+    C{domain} as ETRN and C{relayctl flush --domain} take it: C{example.org}
+    is that domain alone, C{@example.org} that domain and its sub-domains
+    (RFC 1985 section 5.3).
+    """
+    got = address.rpartition("@")[2].lower().rstrip(".")
+    want = domain.lower().rstrip(".")
+    if want.startswith("@"):
+        want = want[1:]
+        return got == want or got.endswith("." + want)
+    return got == want
 
 
 class Scheduler(Service):
@@ -158,6 +196,8 @@ class Scheduler(Service):
         self._toLoad: list[tuple[float, str]] = []
         self._loading = 0
         self._inLoadMore = False
+        self._operating: set[str] = set()  # queue ids an operator's command is working on
+        self._attempted: dict[str, list[Deferred[None]]] = {}  # waiting for an attempt in flight to end
         self.scans = 0  # for tests and metrics
 
     # -- input -----------------------------------------------------------
@@ -360,6 +400,8 @@ class Scheduler(Service):
                     error=result.getErrorMessage(),
                 )
                 self._storeFailed("load")
+        elif isHeld(result):
+            pass  # a held message is never attempted; found only if a scan looked past HELD_UNTIL
         elif not (self._stopping or queueID in self._envelopes or queueID in self._gone):
             self._envelopes[queueID] = result
             if not result.pending():
@@ -410,8 +452,8 @@ class Scheduler(Service):
                 continue  # superseded, or no longer in memory
             del self._scheduled[queueID]
             envelope = self._envelopes.get(queueID)
-            if envelope is None or queueID in self._active:
-                continue
+            if envelope is None or queueID in self._active or queueID in self._operating:
+                continue  # an operator's command on it pushes it again when done (_release)
             if queueID in self._unsaved:
                 # The store failed this message's last state: store it before anything else.
                 self._start(queueID, set(), self._save(envelope))
@@ -459,6 +501,8 @@ class Scheduler(Service):
             for waiting in self._parked.pop(destination, ()):
                 if waiting in self._envelopes:
                     self._push(waiting, now)
+        for waiting in self._attempted.pop(queueID, ()):
+            waiting.callback(None)
         if self._running == 0:
             idle, self._idle = self._idle, []
             for d in idle:
@@ -655,6 +699,239 @@ class Scheduler(Service):
         fields.update(delay=now - envelope.received_at, attempt=recipient.attempts, retry_in=retryIn)
         # A permanent failure is a bounce (a DSN goes to the sender if asked for), as Postfix says status=bounced.
         logEvent(self.log, "bounced" if outcome == "failed" else outcome, fields)
+
+    # -- the operator's commands (relay.control) --------------------------
+
+    def inFlight(self) -> int:
+        """Delivery attempts running now."""
+        return self._running
+
+    async def listQueue(self, emit: Callable[[Envelope], Awaitable[None] | None], limit: int = LIST_LIMIT) -> int:
+        """
+        Hand every queued message to C{emit}, earliest due first (held ones
+        last), the state in memory when it is fresher than the store's;
+        C{emit} may return an awaitable to slow the listing down to its
+        reader.  Loads a few messages at a time, so memory stays bounded by
+        C{limit} queue ids.  Returns the number of messages in the store.
+        """
+        scan = await maybeDeferred(self.store.scan, EVERYTHING, limit, ())
+        ids = [queueID for _, queueID in scan.due]
+        for start in range(0, len(ids), LOADS_IN_FLIGHT):
+            batch = ids[start : start + LOADS_IN_FLIGHT]
+            loads = [self._current(queueID) for queueID in batch]
+            for d in loads:
+                try:
+                    envelope = await d
+                except (FileNotFoundError, ValueError):
+                    continue  # gone (or set aside) since the scan
+                waited = emit(envelope)
+                if waited is not None:
+                    await waited
+        return scan.total
+
+    def _current(self, queueID: str) -> Deferred[Envelope]:
+        """The freshest state of a queued message: memory's, else the store's."""
+        envelope = self._envelopes.get(queueID)
+        if envelope is not None:
+            return Deferred.fromCoroutine(self._ready(envelope))
+        return maybeDeferred(self.store.load, queueID)
+
+    @staticmethod
+    async def _ready(envelope: Envelope) -> Envelope:
+        return envelope
+
+    async def find(self, queueID: str) -> Envelope:
+        """One message's freshest state; L{UnknownMessage} if it is not queued."""
+        try:
+            return await self._current(queueID)
+        except FileNotFoundError:
+            raise UnknownMessage(queueID) from None
+        except ValueError as e:
+            raise OperationRefused(f"{queueID}: {e}") from None
+
+    async def _claim(self, queueID: str) -> Envelope:
+        """
+        Take a message for an operator's command: wait for an attempt in
+        flight on it to end (whose outcome is stored first), then its
+        freshest state.  Until L{_release}, a scan that finds it leaves it
+        alone, so the command's stored state is the one that counts.
+        """
+        if queueID in self._operating:
+            raise OperationRefused(f"{queueID}: another command is working on it; try again")
+        self._operating.add(queueID)
+        try:
+            while queueID in self._active:
+                waiting: Deferred[None] = Deferred()
+                self._attempted.setdefault(queueID, []).append(waiting)
+                await waiting
+            return await self.find(queueID)
+        except BaseException:
+            self._operating.discard(queueID)
+            raise
+
+    def _release(self, queueID: str) -> None:
+        self._operating.discard(queueID)
+        if queueID in self._envelopes and queueID not in self._scheduled and queueID not in self._active:
+            self._push(queueID, self.clock.seconds())
+        if self._scanning:
+            self._gone.add(queueID)  # a scan in progress read its old state: it must not take that
+
+    def _admit(self, envelope: Envelope, due: float) -> None:
+        """A message an operator made due: into memory at once if there is room, else the next scan's."""
+        queueID = envelope.queue_id
+        if queueID in self._envelopes or (self._room() > 0 and not self._stopping and not self.hold):
+            self._envelopes[queueID] = envelope
+            self._push(queueID, due)
+        else:
+            self._noteDisk(due)
+
+    async def _store(self, envelope: Envelope) -> None:
+        """Store an operator's change; on failure nothing in memory changed and the command fails."""
+        try:
+            await maybeDeferred(self.store.update, envelope)
+        except Exception as e:
+            self._storeFailed("update")
+            raise OperationRefused(f"{envelope.queue_id}: could not store the change: {e}") from None
+
+    async def holdMessage(self, queueID: str) -> bool:
+        """
+        Keep a message queued, never attempted, until released, across
+        restarts.  Returns False if it was held already.
+        """
+        envelope = await self._claim(queueID)
+        try:
+            if isHeld(envelope):
+                return False
+            changed = envelope.copy()
+            changed.extra["held"] = True
+            for recipient in changed.pending():
+                recipient.next_attempt = HELD_UNTIL
+            await self._store(changed)
+            if queueID in self._envelopes:
+                self._forget(queueID, removed=False)
+            self.log.info("held {queue_id} by the operator", queue_id=queueID)
+            return True
+        finally:
+            self._release(queueID)
+
+    async def releaseMessage(self, queueID: str) -> None:
+        """A held message is due now."""
+        envelope = await self._claim(queueID)
+        try:
+            if not isHeld(envelope):
+                raise OperationRefused(f"{queueID}: not held")
+            now = self.clock.seconds()
+            changed = envelope.copy()
+            del changed.extra["held"]
+            for recipient in changed.pending():
+                recipient.next_attempt = now
+            await self._store(changed)
+            self._admit(changed, now)
+            self.log.info("released {queue_id} by the operator", queue_id=queueID)
+        finally:
+            self._release(queueID)
+
+    async def flushMessage(self, queueID: str) -> None:
+        """One message is due now (a held one stays held: release it)."""
+        envelope = await self._claim(queueID)
+        try:
+            if isHeld(envelope):
+                raise OperationRefused(f"{queueID}: held (release it to deliver it)")
+            await self._due(envelope)
+        finally:
+            self._release(queueID)
+
+    async def _due(self, envelope: Envelope) -> None:
+        now = self.clock.seconds()
+        if envelope.queue_id in self._envelopes:
+            self._push(envelope.queue_id, now)  # in memory: due now; the store learns at the attempt
+            return
+        changed = envelope.copy()
+        for recipient in changed.pending():
+            recipient.next_attempt = now
+        await self._store(changed)
+        self._admit(changed, now)
+
+    async def flushQueue(self, domain: str | None = None) -> int:
+        """
+        Make every message due now (with C{domain}: every one with a pending
+        recipient there, see L{matchesDomain}), as C{postqueue -f} and ETRN
+        do.  Held messages stay held.  Returns how many were made due.
+        """
+        now = self.clock.seconds()
+        count = 0
+
+        def wanted(envelope: Envelope) -> bool:
+            if isHeld(envelope) or not envelope.pending():
+                return False
+            return domain is None or any(matchesDomain(r.address, domain) for r in envelope.pending())
+
+        for queueID, envelope in list(self._envelopes.items()):
+            if queueID not in self._active and queueID not in self._operating and wanted(envelope):
+                self._push(queueID, now)
+                count += 1
+        scan = await maybeDeferred(self.store.scan, HELD_UNTIL - 1, LIST_LIMIT, frozenset(self._envelopes))
+        for due, queueID in scan.due:
+            if queueID in self._envelopes or queueID in self._operating:
+                continue
+            if due <= now and domain is None:
+                count += 1  # due already: the next scan takes it
+                self._noteDisk(due)
+                continue
+            try:
+                envelope = await self._claim(queueID)
+            except (UnknownMessage, OperationRefused):
+                continue
+            try:
+                if wanted(envelope):
+                    await self._due(envelope)
+                    count += 1
+            except OperationRefused as e:
+                self.log.warn("flush: {error}", error=str(e))
+            finally:
+                self._release(queueID)
+        return count
+
+    async def deleteMessage(self, queueID: str) -> None:
+        """Gone, with no report to anyone (C{postsuper -d})."""
+        await self._claim(queueID)
+        try:
+            try:
+                await maybeDeferred(self.store.remove, queueID)
+            except Exception as e:
+                self._storeFailed("remove")
+                raise OperationRefused(f"{queueID}: could not remove it: {e}") from None
+            if queueID in self._envelopes:
+                self._forget(queueID, removed=True)
+            else:
+                self._stored -= 1
+            self.log.info("deleted {queue_id} by the operator", queue_id=queueID)
+        finally:
+            self._release(queueID)
+
+    async def bounceMessage(self, queueID: str) -> None:
+        """Every pending recipient fails now; the sender gets a failure report (DSN)."""
+        envelope = await self._claim(queueID)
+        try:
+            now = self.clock.seconds()
+            failed = envelope.pending()
+            for recipient in failed:
+                recipient.state = RecipientState.FAILED
+                recipient.last_status = BOUNCED
+                recipient.next_attempt = None
+                self.log.info(
+                    "bounced {queue_id} to=<{to}> by the operator status={status}",
+                    queue_id=queueID,
+                    to=recipient.address,
+                    status=str(BOUNCED),
+                )
+            await self._report(envelope, failed, Kind.FAILURE, now)
+            if not self._stopping:
+                # Kept in memory until removed: a store that fails retries it like any outcome.
+                self._envelopes[queueID] = envelope
+            await self._save(envelope)
+        finally:
+            self._release(queueID)
 
     # -- service ---------------------------------------------------------
 
