@@ -28,6 +28,7 @@ from zope.interface.interface import InterfaceClass
 
 from relay import plugin
 from relay.config import Settings, ThreadSettings
+from relay.control import controlService
 from relay.delivery.router import Router
 from relay.errors import ConfigError, OptionError
 from relay.fsutil import makeDirectories
@@ -622,6 +623,10 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         service = StreamServerEndpointService(serverFromString(reactor, settings.metrics_endpoint), site)
         service.setName("metrics")
         service.setServiceParent(top)
+    # The control socket relayctl talks to (relay.control): always on.
+    controlService(
+        settings, reactor, scheduler, sessions=lambda: limits.sessions, reload=getattr(top, "reload", None)
+    ).setServiceParent(top)
     top.clock = reactor
 
     def rebuild(new: Settings) -> Callable[[], None]:
