@@ -581,6 +581,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         metrics=metrics,
         clock=reactor,
         commitTimeout=queue.commit_timeout,
+        etrn=scheduler.etrn,
     )
     tlsOptions = _tlsOptions(settings)
     portal = None

@@ -892,6 +892,10 @@ class Scheduler(Service):
                 self._release(queueID)
         return count
 
+    def etrn(self, domain: str) -> Deferred[int]:
+        """ETRN (RFC 1985): the mail queued for C{domain} is due now; fires with how many messages."""
+        return Deferred.fromCoroutine(self.flushQueue(domain))
+
     async def deleteMessage(self, queueID: str) -> None:
         """Gone, with no report to anyone (C{postsuper -d})."""
         await self._claim(queueID)

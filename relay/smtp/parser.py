@@ -56,7 +56,7 @@ class Simple:
 
 @dataclass(frozen=True)
 class WithText:
-    """A command with free text: NOOP, HELP (optional), VRFY, EXPN (required)."""
+    """A command with free text: NOOP, HELP (optional), VRFY, EXPN, ETRN (required)."""
 
     verb: str
     text: str
@@ -83,7 +83,7 @@ Command = Helo | Mail | Rcpt | Simple | WithText | Auth | Bdat | Unknown
 
 SIMPLE = frozenset({"DATA", "RSET", "QUIT", "STARTTLS"})
 TEXT_OPTIONAL = frozenset({"NOOP", "HELP"})
-TEXT_REQUIRED = frozenset({"VRFY", "EXPN"})
+TEXT_REQUIRED = frozenset({"VRFY", "EXPN", "ETRN"})
 
 _SYNTAX = "5.5.4"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import errno
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -117,7 +118,13 @@ COMMIT_TOO_SLOW = _reply(451, "4.3.0", "Error: queue too slow to store the messa
 TOO_MANY_HOPS = _reply(554, "5.4.6", "Error: too many hops (mail loop?)")
 VRFY_REPLY = _reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 EXPN_REPLY = _reply(502, "5.5.1", "Error: EXPN not available")
-HELP_REPLY = _reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP")
+HELP_REPLY = _reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP ETRN")
+ETRN_SYNTAX = _reply(501, "5.5.4", "Syntax: ETRN [@]domain")
+ETRN_IN_TRANSACTION = _reply(503, "5.5.1", "Error: MAIL transaction in progress")
+# RFC 1985: a node name is a domain, "@" before it for its sub-domains too;
+# "#queue" names are not supported.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_ETRN_NODE = re.compile(rf"@?{_LABEL}(?:\.{_LABEL})*\.?")
 TLS_NOT_AVAILABLE = _reply(502, "5.5.1", "Error: STARTTLS not available")
 TLS_READY = _reply(220, "2.0.0", "Ready to start TLS")
 AUTH_NOT_ENABLED = _reply(503, "5.5.1", "Error: authentication not enabled")
@@ -187,6 +194,9 @@ class ServerSettings:
     authThrottle: Any = None
     # relay.metrics.Metrics: sessions open, rejections by reason; None: not counted.
     metrics: Any = None
+    # ETRN (RFC 1985): makes the queued mail for a domain ("@domain": and its
+    # sub-domains) due now, firing with the number of messages; None: no ETRN.
+    etrn: Callable[[str], Any] | None = None
 
 
 def listenerSettings(base: ServerSettings, listener: config.Listener) -> ServerSettings:
@@ -580,6 +590,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             offered.append("STARTTLS")
         if self.authOffered():
             offered.append("AUTH " + " ".join(MECHANISMS))
+        if self.settings.etrn is not None:
+            offered.append("ETRN")
         return offered
 
     def _offeredKeywords(self) -> frozenset[str]:
@@ -631,8 +643,45 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self._send(EXPN_REPLY)
             case parser.WithText("HELP"):
                 self._send(HELP_REPLY)
+            case parser.WithText("ETRN"):
+                self._etrn(command.text)
             case _:
                 self._send(UNKNOWN_COMMAND)
+
+    def _etrn(self, node: str) -> None:
+        """
+        ETRN (RFC 1985): the queued mail for a domain is due now, for a
+        client that may relay (relay_networks or authenticated): a site
+        back on line asks for its mail instead of waiting for the next retry.
+        """
+        flush = self.settings.etrn
+        if flush is None:
+            return self._send(NOT_IMPLEMENTED)
+        if self.phase is Phase.CONNECTED:
+            return self._send(BAD_SEQUENCE_HELO)
+        if self.transaction is not None:
+            return self._send(ETRN_IN_TRANSACTION)
+        if node.startswith("#"):
+            return self._send(_reply(459, "4.3.0", f"Node {node[:64]} not allowed: queue names are not supported"))
+        if len(node) > 256 or not _ETRN_NODE.fullmatch(node):
+            return self._send(ETRN_SYNTAX)
+        if not self.settings.policy.mayRelay(self.client, self.authenticated):
+            return self._send(_reply(459, "4.7.1", f"Node {node} not allowed: relay access denied"))
+        client = self.client
+
+        def started(count: int) -> Status:
+            self.log.info("etrn {node} client={client} messages={count}", node=node, client=client, count=count)
+            if not count:
+                return _reply(251, "2.0.0", f"OK, no messages waiting for node {node}")
+            return _reply(250, "2.0.0", f"OK, queuing for node {node} started")
+
+        def failed(failure: Failure) -> Status:
+            self.log.failure("etrn {node} failed", failure, node=node)
+            return _reply(458, "4.3.0", f"Unable to queue messages for node {node}")
+
+        d = maybeDeferred(flush, node)
+        d.addCallbacks(started, failed)
+        self._wait(d)
 
     def _helo(self, command: parser.Helo) -> None:
         self._resetTransaction()

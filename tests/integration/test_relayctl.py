@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from relayproc import freePort, smarthostConfig, waitFor
+from relayproc import freePort, smarthostConfig, tool, waitFor
 from scriptedpeer import LaxPeer
 
 RELAYCTL = str(Path(sys.executable).parent / "relayctl")
@@ -172,3 +172,43 @@ def test_usage_and_configuration_errors(tmp_path):
     )
     assert proc.returncode == 1 and "not running" in proc.stderr
     oneLineError(proc.stderr)
+
+
+def test_etrn_with_swaks(relay, tmp_path):
+    """
+    Mail sent with swaks waits for a next hop that is down; once it is up,
+    ETRN for its domain delivers it at once instead of at the next retry
+    (an hour away); ETRN for another domain answers 251.
+    """
+    swaks = tool("swaks")
+    dead, port = freePort(), freePort()
+    r = relay(config=smarthostConfig(tmp_path / "var", port, dead, queue="retry = 1h"), port=port)
+    r.start()
+    peer = LaxPeer().start()
+    try:
+        sent = subprocess.run(
+            [swaks, "--server", "127.0.0.1", "--port", str(port), "--from", "alice@localhost"]
+            + ["--to", "bob@far.test", "--header", "Subject: etrn", "--timeout", "20"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stdout
+        assert "<-  250-ETRN" in sent.stdout or "<-  250 ETRN" in sent.stdout
+        deferredQueue(r, 1)
+        r.stop()
+        r.config.write_text(r.config.read_text().replace(f"port = {dead}", f"port = {peer.port}"))
+        r.start()
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo("etrn.test")
+            assert client.has_extn("etrn")
+            assert client.docmd("ETRN", "other.test")[0] == 251
+            code, text = client.docmd("ETRN", "far.test")
+            assert (code, text) == (250, b"2.0.0 OK, queuing for node far.test started")
+        assert peer.waitForMessages(1)
+        assert b"Subject: etrn" in peer.messages[0].data
+        assert waitFor(lambda: queueJSON(r) == [], 20, 0.2)
+        assert "etrn far.test client=127.0.0.1 messages=1" in r.logText()
+    finally:
+        r.stop()
+        peer.stop()
