@@ -306,6 +306,21 @@ class ControlProtocol(amp.AMP):
 
         return Deferred.fromCoroutine(run())
 
+    def _why(self) -> str:
+        """The configuration error a refused reload logged, for relayctl's one line."""
+        from relay.config import load
+        from relay.errors import ConfigError
+
+        path = self.control.configPath
+        if path is not None:
+            try:
+                load(str(path))
+            except ConfigError as e:
+                return str(e)
+            except Exception as e:
+                return f"{path}: {e}"
+        return "see the relay's log"
+
     @Reload.responder
     def reload(self) -> Deferred[dict[str, Any]]:
         reload = self.control.reload
@@ -318,7 +333,7 @@ class ControlProtocol(amp.AMP):
 
         def done(result: Any) -> dict[str, Any]:
             if result is False:
-                raise OperationRefused("reload refused: the configuration has errors (see the relay's log)")
+                raise OperationRefused(f"reload refused, the running configuration stays: {self._why()}")
             return {"message": result if isinstance(result, str) else "reloaded"}
 
         d.addCallbacks(done, failed)
@@ -339,7 +354,9 @@ class ControlService(StreamServerEndpointService):
         clock: Any,
         sessions: Callable[[], int] | None = None,
         reload: Callable[[], Any] | None = None,
+        configPath: Path | None = None,
     ) -> None:
+        self.configPath = configPath
         self.scheduler = scheduler
         self.clock = clock
         self.sessions = sessions
@@ -386,7 +403,9 @@ def controlService(
 ) -> ControlService:
     """The control service for C{settings}: C{[control] endpoint}, or the default socket under C{state_dir}."""
     text = settings.control_endpoint or defaultEndpoint(settings.state_dir)
-    service = ControlService(serverFromString(reactor, text), scheduler, reactor, sessions=sessions, reload=reload)
+    service = ControlService(
+        serverFromString(reactor, text), scheduler, reactor, sessions=sessions, reload=reload, configPath=settings.path
+    )
     service.setName("control")
     return service
 

@@ -125,10 +125,18 @@ def test_every_subcommand(relay, tmp_path):
     status, _, err = ctl(r, "release", fourth)
     assert status == 1 and "not held" in err
 
-    status, out, err = ctl(r, "reload")
-    assert status in (0, 1), err
-    if status == 1:
-        oneLineError(err)
+    assert ctl(r, "reload") == (0, "reloaded\n", "")
+    good = r.config.read_text()
+    r.config.write_text(good.replace("[policy]\n", "[policy]\nmax_message_size = huge\n"))
+    # The file is broken, so relayctl finds the socket with --socket.
+    proc = subprocess.run(
+        [RELAYCTL, "--socket", str(r.state / "control.sock"), "reload"], capture_output=True, text=True, timeout=30
+    )
+    status, err = proc.returncode, proc.stderr
+    assert status == 1 and "[policy] max_message_size" in err, err
+    oneLineError(err)
+    r.config.write_text(good)
+    assert {m["id"] for m in queueJSON(r)} == {first, fourth}  # still running, as it was
 
     # The hold survives a restart; the next hop is now up: flush delivers
     # everything but the held message, release delivers that one.
