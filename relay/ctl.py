@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from relay import __version__
 from relay.smtp.auth import hashPassword, readPasswords, writePasswords
 
 
@@ -322,6 +323,7 @@ def reload(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relayctl", description="Manage a relay.")
     parser.add_argument("--config", default="etc/relay.ini", help="configuration file (default: etc/relay.ini)")
+    parser.add_argument("--version", action="version", version=f"relayctl {__version__}")
     parser.add_argument("--socket", help="the relay's control socket (default: from --config)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the relay's answer")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -23,12 +23,25 @@ class Options(usage.Options):
     optFlags = [["check", None, "Validate the configuration (plugins, certificates included) and exit: 0 or 2."]]
 
 
-def installSignals(reactor: Any, service: Any) -> None:
+def installReload(reactor: Any, service: Any) -> None:
+    """
+    SIGHUP reloads the configuration instead of killing the process: set
+    before the reactor runs, since a listener accepts into its backlog from
+    the moment it is bound, and a service manager may reload from then on.
+    """
+
+    def hup(number: int, frame: Any) -> None:
+        _log.info("Received SIGHUP, reloading the configuration.")
+        reactor.callFromThread(service.reload)
+
+    signal.signal(signal.SIGHUP, hup)
+
+
+def installSignals(reactor: Any) -> None:
     """
     After twistd's own handlers (so this runs once the reactor runs):
     SIGTERM and SIGINT stop the relay gracefully once, and a second one is
-    ignored quietly instead of a C{ReactorNotRunning} traceback; SIGHUP
-    reloads the configuration instead of killing the process.
+    ignored quietly instead of a C{ReactorNotRunning} traceback.
     """
     stopping: list[int] = []
 
@@ -38,19 +51,31 @@ def installSignals(reactor: Any, service: Any) -> None:
         stopping.append(number)
         reactor.sigTerm(number, frame) if number == signal.SIGTERM else reactor.sigInt(number, frame)
 
-    def hup(number: int, frame: Any) -> None:
-        _log.info("Received SIGHUP, reloading the configuration.")
-        reactor.callFromThread(service.reload)
-
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, hup)
 
 
 def _exitAtOnce(message: str) -> None:
     """Foreground: one line on standard error and a non-zero exit, no traceback."""
     os.write(2, f"relay: {message}\n".encode(errors="replace"))
     raise SystemExit(1)
+
+
+def _daemonFailed(stderr: int) -> Any:
+    """
+    A daemon: the line goes to the standard error twistd was started with
+    (the daemon's own is /dev/null by then), and the error through twistd's
+    status pipe, so that the waiting parent exits 1 (its report of it is cut
+    at 100 bytes, hence the line first).
+    """
+
+    def failed(message: str) -> None:
+        os.write(stderr, f"relay: {message}\n".encode(errors="replace"))
+        from relay.service import StartupError
+
+        raise StartupError(message)
+
+    return failed
 
 
 def makeService(options: Options) -> IService:
@@ -74,6 +99,8 @@ def makeService(options: Options) -> IService:
     parent = getattr(options, "parent", None)
     if parent is not None and parent.get("nodaemon"):
         service.startupFailed = _exitAtOnce
-    # A daemon: the StartupError goes through twistd's status pipe; the parent prints it and exits 1.
-    reactor.callWhenRunning(installSignals, reactor, service)
+    elif parent is not None:
+        service.startupFailed = _daemonFailed(os.dup(2))  # before twistd daemonizes
+    installReload(reactor, service)
+    reactor.callWhenRunning(installSignals, reactor)
     return service
