@@ -151,11 +151,15 @@ def _sender(port: int, first: int, count: int, acknowledged: list[int], stop: th
         if stop.is_set():
             return
         try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
-                client.sendmail("load@localhost", ["tracked@localhost"], f"X-Track: {n}\r\n\r\nmessage {n}\r\n")
-            acknowledged.append(n)
+            client = smtplib.SMTP("127.0.0.1", port, timeout=15)
+            client.sendmail("load@localhost", ["tracked@localhost"], f"X-Track: {n}\r\n\r\nmessage {n}\r\n")
         except (OSError, smtplib.SMTPException):
             return  # 421 or refused: the relay is stopping; that message was not acknowledged
+        acknowledged.append(n)  # the 250 came; a 421 to the QUIT after it changes nothing
+        try:
+            client.quit()
+        except (OSError, smtplib.SMTPException):
+            client.close()
 
 
 def test_sigterm_under_load_loses_nothing_and_delivers_nothing_twice(tmp_path, relay):
