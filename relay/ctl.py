@@ -59,8 +59,16 @@ def _askPassword(fromStdin: bool) -> str:
     if fromStdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
+        # getpass falls back to stdin without a terminal and ends in EOFError
+        # there (cron, a pipe, ssh without -t): say what to do instead.
+        if not sys.stdin.isatty():
+            raise CtlError("no terminal to ask the password on: give it on one line with --password-stdin", 2)
+        try:
+            password = getpass.getpass("Password: ")
+            again = getpass.getpass("Again: ")
+        except (EOFError, KeyboardInterrupt):
+            raise CtlError("no password given") from None
+        if again != password:
             raise CtlError("passwords do not match")
     if not password:
         raise CtlError("empty password refused")
@@ -323,8 +331,8 @@ def reload(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relayctl", description="Manage a relay.")
     parser.add_argument("--config", default="etc/relay.ini", help="configuration file (default: etc/relay.ini)")
-    parser.add_argument("--version", action="version", version=f"relayctl {__version__}")
     parser.add_argument("--socket", help="the relay's control socket (default: from --config)")
+    parser.add_argument("--version", action="version", version=f"relayctl {__version__}")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the relay's answer")
     commands = parser.add_subparsers(dest="command", required=True)
     pw = commands.add_parser("passwd", help="manage SMTP AUTH users ([auth] passwords)")

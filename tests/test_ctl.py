@@ -91,3 +91,19 @@ def test_plugins_lists_every_kind_with_keys(capsys):
         assert f"  {name}: " in out
     assert "      nameservers -- " in out  # a key of mx, with its description
     assert out.index("validators") < out.index("delivery backends") < out.index("queue stores")
+
+
+def test_add_without_a_terminal_is_one_line(tmp_path):
+    """No terminal and no --password-stdin (a pipe, cron): one line and status 2, no EOFError traceback."""
+    relayctl = str(Path(sys.executable).parent / "relayctl")
+    pw = tmp_path / "passwords"
+    proc = subprocess.run(
+        [relayctl, "passwd", "--passwords", str(pw), "add", "bob"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "relayctl: no terminal to ask the password on: give it on one line with --password-stdin\n"
+    assert not pw.exists()
