@@ -108,8 +108,14 @@ def passwd(args: argparse.Namespace) -> int:
 
 
 def plugins(args: argparse.Namespace) -> int:
-    """What twisted.plugin finds, built-in and third-party alike, with the keys each takes."""
+    """
+    What discovery finds, twisted.plugin dropins and C{relay.plugins} entry
+    points alike, each with its source and the keys it takes: a plugin that
+    cannot be loaded or is provided twice is listed with why, since that is
+    what the relay would refuse at start-up if configured to use it.
+    """
     from relay import plugin
+    from relay.errors import OptionError
     from relay.interfaces import IDeliveryBackendFactory, IQueueStoreFactory, IRecipientValidatorFactory
 
     kinds = (
@@ -119,8 +125,17 @@ def plugins(args: argparse.Namespace) -> int:
     )
     for title, interface in kinds:
         print(title)
-        for name, factory in sorted(plugin.available(interface).items()):
-            print(f"  {name}: {getattr(factory, 'description', '')}")
+        byName: dict[str, list[plugin.Found]] = {}
+        for found in plugin.discover(interface):
+            byName.setdefault(found.name, []).append(found)
+        for name, candidates in sorted(byName.items()):
+            try:
+                factory = plugin.resolve(name, candidates)
+            except OptionError as e:
+                print(f"  {name}: UNUSABLE: {e.message}")
+                continue
+            source = next(c.source for c in candidates if c.factory is factory)
+            print(f"  {name}: {getattr(factory, 'description', '')}  [{source}]")
             for key, text in getattr(factory, "keys", {}).items():
                 print(f"      {key} -- {text}")
     return 0

@@ -28,9 +28,11 @@ class IPluginFactory(Interface):
     """
     What every relay plugin factory has, whatever it builds.
 
-    Providers also provide L{twisted.plugin.IPlugin} and live in a module of a
-    C{relay/plugins/} dropin directory, or are named by dotted path in config
-    (C{plugin = package.module:factory}).
+    Providers are found in a module of a C{relay/plugins/} dropin directory
+    (and then also provide L{twisted.plugin.IPlugin}), through an entry point
+    of the C{relay.plugins} group named as the factory (what works in an
+    editable install), or by dotted path in config
+    (C{plugin = package.module:factory}, providing C{IPlugin} too).
     """
 
     name = Attribute("The name the configuration uses: C{plugin = NAME}. Unique per interface.")
