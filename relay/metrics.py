@@ -64,6 +64,20 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.commitBatchSize = Histogram(
+            "relay_queue_commit_batch_size",
+            "Queue changes (commits, updates, removals) made durable together by one batch of the queue store's "
+            "group commit (one fsync of the queue directory); only stores that batch report it",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=self.registry,
+        )
+
+    def watchStore(self, store: Any) -> None:
+        """Observe the batch sizes of C{store}'s group commit, if it has the optional hook (the filesystem store)."""
+        observe = getattr(store, "observeBatches", None)
+        if observe is not None:
+            observe(self.commitBatchSize.observe)
+
     def watchScheduler(self, scheduler: Any) -> None:
         """Read the queue's figures from C{scheduler} at each scrape."""
         self.queued.set_function(scheduler.queued)

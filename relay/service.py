@@ -555,6 +555,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         metrics=metrics,
     )
     metrics.watchScheduler(scheduler)
+    metrics.watchStore(store)
     top = RelayService(
         settings, store, scheduler, onFatal=lambda message: exitOnFatal(reactor, message), executors=executors
     )

@@ -500,6 +500,36 @@ def test_commit_syncs_file_then_directory_once_per_batch(tmp_path, make, monkeyp
     assert [Path(args[0]) for args in directories] == [tmp_path / "messages"] * 2
 
 
+def test_commit_batch_sizes_reach_the_metrics(tmp_path, make):
+    """The thread engine's batches, as relay_queue_commit_batch_size sees them: 1 then the 4 that waited."""
+    from relay.metrics import Metrics
+
+    pending = Pending()
+    store = make(tmp_path, blocking=pending)
+    metrics = Metrics()
+    metrics.watchStore(store)
+    commits = []
+    for _ in range(5):
+        incoming = store.begin()
+        incoming.write(DATA)
+        commits.append(incoming.commit(envelopeFor(incoming.queue_id)))
+    pending.runAll()
+    assert [result(d) for d in commits] == [None] * 5
+    value = metrics.registry.get_sample_value
+    assert (value("relay_queue_commit_batch_size_count"), value("relay_queue_commit_batch_size_sum")) == (2, 5)
+    assert value("relay_queue_commit_batch_size_bucket", {"le": "1.0"}) == 1
+    assert value("relay_queue_commit_batch_size_bucket", {"le": "4.0"}) == 2
+
+
+def test_a_store_without_the_batch_hook_is_watched_as_before():
+    from relay.metrics import Metrics
+    from relay.queue.memory import MemoryQueueStore
+
+    metrics = Metrics()
+    metrics.watchStore(MemoryQueueStore())
+    assert metrics.registry.get_sample_value("relay_queue_commit_batch_size_count") == 0
+
+
 def test_remove_is_carried_by_the_next_batch(tmp_path, make, monkeypatch):
     store = make(tmp_path)
     first = queueOne(store)

@@ -19,9 +19,12 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 
+from relay.metrics import Metrics
 from relay.queue import fsworker
-from relay.queue.fsworker import APPEND, COMMIT, DISCARD, REMOVE, UPDATE, QueueFiles, Request
+from relay.queue.filesystem import ProcessEngine
+from relay.queue.fsworker import APPEND, BATCH_ID, COMMIT, DISCARD, REMOVE, UPDATE, QueueFiles, Request
 
 queueIDs = st.text(alphabet="0123456789abcdef", min_size=1, max_size=24)
 requests = st.builds(
@@ -68,7 +71,12 @@ def test_replies_survive_any_chunking(replies, step):
 
 
 def served(tmp_path: Path, frames: list) -> list:
-    """Run serve() on a pipe as the child process does, send frames, close, read every reply."""
+    """Run serve() on a pipe as the child process does, send frames, close, read every reply to a request."""
+    return [reply for reply in fsworker.ReplyDecoder().feed(servedBytes(tmp_path, frames)) if reply[0] != BATCH_ID]
+
+
+def servedBytes(tmp_path: Path, frames: list) -> bytes:
+    """Run serve() on a pipe as the child process does, send frames, close: everything it wrote back."""
     for name in ("incoming", "messages"):
         (tmp_path / name).mkdir(exist_ok=True)
     fromRelay, toWorker = os.pipe()
@@ -86,7 +94,38 @@ def served(tmp_path: Path, frames: list) -> list:
         out += chunk
     os.close(fromWorker)
     os.close(fromRelay)
-    return fsworker.ReplyDecoder().feed(out)
+    return out
+
+
+class NeverRunning(Clock):
+    """A reactor that never starts: the engine spawns no worker of its own."""
+
+    def callWhenRunning(self, f, *args) -> None:
+        pass
+
+
+def test_the_worker_reports_each_batch_size_and_the_engine_hands_it_to_the_metrics(tmp_path):
+    """
+    Five commits, an update and a removal in one write are two batches (the
+    update and the removal of a message committed in the first batch need
+    their own): a batch frame for each, ahead of the replies, and the
+    relay's histogram counts them.
+    """
+    frames = [(i, Request(COMMIT, f"q{i}", b"data", b"{}", size=4)) for i in range(1, 6)]
+    frames += [(6, Request(UPDATE, "q1", payload=b"{}", due=1)), (7, Request(REMOVE, "q2"))]
+    out = servedBytes(tmp_path, frames)
+    replies = fsworker.ReplyDecoder().feed(out)
+    assert replies[:2] == [(BATCH_ID, (5, "")), (BATCH_ID, (2, ""))]
+    assert replies[2:] == [(i, None) for i in range(1, 8)]
+
+    metrics = Metrics()
+    engine = ProcessEngine(NeverRunning(), tmp_path)  # its worker is the serve() above
+    engine.onBatch = metrics.commitBatchSize.observe
+    for i in range(len(out)):  # a byte at a time: frames cut anywhere
+        engine.outReceived(out[i : i + 1])
+    value = metrics.registry.get_sample_value
+    assert (value("relay_queue_commit_batch_size_count"), value("relay_queue_commit_batch_size_sum")) == (2, 7)
+    assert value("relay_queue_commit_batch_size_bucket", {"le": "4.0"}) == 1
 
 
 def test_serve_commits_updates_and_removes(tmp_path):

@@ -173,6 +173,17 @@ def _error(error: fsworker.Error) -> OSError:
     return OSError(code or errno.EIO, text)
 
 
+def _reportBatches(onBatch: Callable[[int], None] | None, sizes: list[int]) -> None:
+    """Tell C{onBatch} (the metrics) the size of each batch; its failure is logged, never the store's."""
+    if onBatch is None:
+        return
+    for size in sizes:
+        try:
+            onBatch(size)
+        except Exception:
+            Logger().failure("queue store: the batch size hook failed")
+
+
 class ThreadEngine:
     """
     Runs L{QueueFiles} through C{blocking} (inline in unit tests, a thread of
@@ -186,6 +197,7 @@ class ThreadEngine:
     def __init__(self, files: QueueFiles, blocking: Callable[..., Deferred[Any]]) -> None:
         self.files = files
         self.blocking = blocking
+        self.onBatch: Callable[[int], None] | None = None
         self._running = False
         self._waiting: list[tuple[Request, Deferred[None]]] = []
 
@@ -202,6 +214,8 @@ class ThreadEngine:
         self.blocking(self.files.run, [request for request, _ in batch]).addBoth(self._done, batch)
 
     def _done(self, outcome: Any, batch: list[tuple[Request, Deferred[None]]]) -> None:
+        # Taken before the next batch starts, in the thread that could change them.
+        _reportBatches(self.onBatch, self.files.takeBatchSizes())
         self._running = False
         if self._waiting:
             self._start()
@@ -250,6 +264,7 @@ class ProcessEngine(ProcessProtocol):
         self._stopping = False
         self._ended: list[Deferred[None]] = []
         self._stderr = b""
+        self.onBatch: Callable[[int], None] | None = None
         reactor.callWhenRunning(self._spawn)
 
     def argv(self) -> list[str]:
@@ -313,6 +328,9 @@ class ProcessEngine(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         for requestID, error in self._decoder.feed(data):
+            if requestID == fsworker.BATCH_ID:
+                _reportBatches(self.onBatch, [error[0] if error else 0])
+                continue
             entry = self._pending.pop(requestID, None)
             if entry is None:
                 continue
@@ -605,6 +623,15 @@ class FilesystemQueueStore:
         self.engine = (
             engine if engine is not None else ThreadEngine(QueueFiles(self.path), lambda *a: self._blocking(*a))
         )
+
+    def observeBatches(self, onBatch: Callable[[int], None] | None) -> None:
+        """
+        Have C{onBatch(changes)} called, on the reactor thread, once for each
+        batch the engine made durable with its number of changes (commits,
+        updates, removals): how much group commit saves, for the metrics.
+        Optional for a store; the relay asks only for stores that have it.
+        """
+        self.engine.onBatch = onBatch
 
     # -- the lock --------------------------------------------------------
 

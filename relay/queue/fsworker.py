@@ -554,6 +554,10 @@ class QueueFiles:
         self.batches = 0
         self.changes = 0
         self.syncSeconds = 0.0
+        # The number of changes of each batch since the last takeBatchSizes: the
+        # engine hands them to the relay's metrics, which live in another
+        # thread or process than this.
+        self.batchSizes: list[int] = []
 
     def _operation(self, request: Request) -> _Operation:
         factory = _OPERATIONS.get(request.opcode)
@@ -666,6 +670,7 @@ class QueueFiles:
             self.batches += 1
             self.changes += counted
             self.syncSeconds += time.monotonic() - started
+            self.batchSizes.append(counted)
         return [None if e is None else (getattr(e, "errno", None) or 0, str(e)) for e in errors]
 
     def discard(self, queueID: str, sync: bool = True) -> bool:
@@ -696,6 +701,11 @@ class QueueFiles:
             except OSError:
                 pass
         return changed
+
+    def takeBatchSizes(self) -> list[int]:
+        """The changes of each batch done since the last call, forgotten here."""
+        sizes, self.batchSizes = self.batchSizes, []
+        return sizes
 
     def statistics(self) -> str:
         """One log line: what group commit achieved."""
@@ -734,6 +744,18 @@ def encodeRequestParts(requestID: int, request: Request) -> tuple[bytes, bytes, 
         len(request.payload),
     )
     return header + qid, request.data, request.payload
+
+
+BATCH_ID = 0
+"""
+The request id of a reply that answers no request (ids start at 1): a batch
+of C{errno} changes was made durable.  It lets the relay's metrics see how
+large the worker's batches are.
+"""
+
+
+def encodeBatch(changes: int) -> bytes:
+    return _REPLY.pack(BATCH_ID, changes, 0)
 
 
 def encodeReply(requestID: int, error: Error | None) -> bytes:
@@ -833,7 +855,9 @@ def serve(files: QueueFiles, inFd: int, outFd: int, limit: int = 1 << 20, parent
             frames += decoder.feed(more)
         if frames:
             errors = files.run([request for _, request in frames])
-            writeAll(outFd, b"".join(encodeReply(rid, error) for (rid, _), error in zip(frames, errors, strict=True)))
+            batches = [encodeBatch(changes) for changes in files.takeBatchSizes()]
+            replies = [encodeReply(rid, error) for (rid, _), error in zip(frames, errors, strict=True)]
+            writeAll(outFd, b"".join(batches + replies))
 
 
 def dieWithParent(parent: int) -> bool:

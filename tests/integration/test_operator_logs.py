@@ -66,6 +66,7 @@ def test_metrics_before_and_after_a_message(relay, tmp_path):
     assert before['relay_queue_messages{state="active"}'] == 0
     assert before["relay_queue_oldest_age_seconds"] == 0
     assert 'relay_delivery_seconds_count{backend="local"}' not in before
+    assert before["relay_queue_commit_batch_size_count"] == 0
 
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         client.ehlo("client.test")
@@ -89,6 +90,9 @@ def test_metrics_before_and_after_a_message(relay, tmp_path):
     assert 0 < after['relay_delivery_seconds_sum{backend="local"}'] < 10
     assert after['relay_recipient_outcomes_total{backend="local",outcome="delivered"}'] == 1
     assert after['relay_queue_messages{state="active"}'] == 0 and after['relay_queue_messages{state="waiting"}'] == 0
+    # The worker process's batches reach the relay: the commit, at least, made durable in one.
+    assert after["relay_queue_commit_batch_size_count"] >= 1
+    assert after["relay_queue_commit_batch_size_sum"] >= after["relay_queue_commit_batch_size_count"]
 
     log = r.logText()
     assert "event=connect client=127.0.0.1 port=" in log
