@@ -242,11 +242,17 @@ class DeliveryResult:
         delivery, the relay sends a "delivered" report; C{True}, the next hop
         took the DSN request and reports itself; C{False}, the next hop does
         not do DSN, the relay sends a "relayed" report (RFC 3461 5.2.2).
+    @ivar relay: the next hop that gave this status, as C{address:port}
+        (C{[address]:port} for IPv6), when there was one: the server the
+        attempt actually talked to, which a name with many addresses or an
+        MX list leaves unknown otherwise.  Only for the log lines
+        (C{relay=}); C{None} for a final delivery or no session.
     """
 
     recipient: str
     status: Status
     dsnPassed: bool | None = None
+    relay: str | None = None
 
     @property
     def delivered(self) -> bool:

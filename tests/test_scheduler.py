@@ -629,3 +629,30 @@ def test_hold_counts_a_queue_recovery_did_not_count_with_one_scan_and_loads_noth
     for _ in range(3600):
         clock.advance(1)
     assert (scheduler.held(), scheduler.queued(), scheduler.scans, backend.calls) == (0, 4, 1, [])
+
+
+class ResultLike:
+    """What a third-party backend may hand back instead of a DeliveryResult: no relay attribute at all."""
+
+    def __init__(self, recipient: str, status: Status) -> None:
+        self.recipient, self.status, self.dsnPassed = recipient, status, None
+
+
+def test_relay_is_logged_when_the_backend_names_one_and_left_out_otherwise():
+    clock, store, backend, scheduler = setup({})
+    answers = {
+        "a@x.example": DeliveryResult("a@x.example", OK, relay="192.0.2.7:25"),
+        "b@x.example": DeliveryResult("b@x.example", Status(451, "4.2.1", "busy"), relay="[2001:db8::7]:2525"),
+        "c@x.example": DeliveryResult("c@x.example", OK),
+        "d@x.example": ResultLike("d@x.example", OK),
+    }
+    backend.deliver = lambda envelope, recipients, openData: [answers[r.address] for r in recipients]
+    with LogLines() as lines:
+        scheduler.enqueue(queue(store, clock, *answers))
+        clock.advance(0)
+    logged = {line.split(" to=<")[1].split(">")[0]: line for line in lines.matching("event=")}
+    assert "to=<a@x.example> backend=local relay=192.0.2.7:25 code=250" in logged["a@x.example"]
+    assert "event=deferred" in logged["b@x.example"]
+    assert "backend=local relay=[2001:db8::7]:2525 code=451" in logged["b@x.example"]
+    assert "to=<c@x.example> backend=local code=250" in logged["c@x.example"]
+    assert "to=<d@x.example> backend=local code=250" in logged["d@x.example"]

@@ -385,7 +385,7 @@ class MXBackend:
                 return remote.everyone(recipients, loopsBack(domain))
             except SessionError as e:
                 self.log.info("{domain} via {host}: {status}", domain=domain, host=exchanger.host, status=str(e.status))
-                return remote.everyone(recipients, e.status)
+                return remote.everyone(recipients, e.status, remote.failedAt(e))
             return remote.results(recipients, outcome)
         return remote.everyone(recipients, last)
 

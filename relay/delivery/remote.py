@@ -30,6 +30,7 @@ from relay.smtp.client import (
     SMTPClient,
     TLSPolicy,
     openSession,
+    peerOf,
     transaction,
 )
 from relay.smtp.client import quit as quitSession
@@ -132,7 +133,8 @@ async def _reused(pool: SessionPool, key: Any, message: Outgoing) -> Outcome | N
         before = client.repliesReceived
         try:
             outcome = await transaction(client, message)
-        except SessionError:
+        except SessionError as e:
+            _blame(e, client)
             if client.transport is not None:
                 client.transport.abortConnection()
             if client.repliesReceived != before:
@@ -169,7 +171,9 @@ async def _session(
             where = f"{hop.name}[{hop.address}]:{hop.port}"
             raise Unreachable(Status(451, "4.4.2", f"{where} refused the session: {e.status}")) from None
         outcome = await transaction(client, message)
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, SessionError):
+            _blame(e, client)
         if client.transport is not None:
             client.transport.abortConnection()
         raise
@@ -178,6 +182,16 @@ async def _session(
     else:
         await quitSession(client)
     return outcome
+
+
+def _blame(error: SessionError, client: SMTPClient) -> None:
+    """
+    Note on C{error} the peer whose session failed (C{error.peer}), before
+    the connection is aborted: a deferral's log line names the server that
+    failed, as a delivery's names the server that took the mail.
+    """
+    if error.peer is None:
+        error.peer = peerOf(client)
 
 
 async def deliverTo(
@@ -207,10 +221,21 @@ async def deliverTo(
 def results(recipients: Sequence[Recipient], outcome: Outcome) -> list[DeliveryResult]:
     missing = Status(451, "4.4.0", "no reply for this recipient")
     return [
-        DeliveryResult(r.address, outcome.statuses.get(r.address, missing), dsnPassed=outcome.dsnPassed)
+        DeliveryResult(
+            r.address, outcome.statuses.get(r.address, missing), dsnPassed=outcome.dsnPassed, relay=outcome.peer
+        )
         for r in recipients
     ]
 
 
-def everyone(recipients: Sequence[Recipient], status: Status) -> list[DeliveryResult]:
-    return [DeliveryResult(r.address, status) for r in recipients]
+def everyone(recipients: Sequence[Recipient], status: Status, relay: str | None = None) -> list[DeliveryResult]:
+    """
+    The same status for every recipient; C{relay} is the peer that gave it
+    (a L{SessionError}'s C{peer}), C{None} when no session was had.
+    """
+    return [DeliveryResult(r.address, status, relay=relay) for r in recipients]
+
+
+def failedAt(error: StatusError) -> str | None:
+    """The peer a session error happened with (see L{_blame}), or C{None} (no session: unreachable)."""
+    return getattr(error, "peer", None)

@@ -68,7 +68,7 @@ class SmartHostBackend:
             outcome = await remote.deliverTo(self.reactor, self.hop, self.settings, message, self.implicit, self.pool)
         except (remote.Unreachable, SessionError) as e:
             self.log.info("smart host {host}: {status}", host=self.hop.name, status=str(e.status))
-            return remote.everyone(recipients, e.status)
+            return remote.everyone(recipients, e.status, remote.failedAt(e))
         return remote.results(recipients, outcome)
 
     def stop(self) -> None:

@@ -564,7 +564,7 @@ class Scheduler(Service):
     async def _attempt(self, envelope: Envelope) -> None:
         groups, unrouted = self.router.group(envelope.pending())
         noRoute = NO_ROUTE_FOR_REPORT if envelope.sender == "" else NO_ROUTE
-        results: list[tuple[Recipient, Status, str | None]] = [(r, noRoute, None) for r in unrouted]
+        results: list[tuple[Recipient, Status, str | None, str | None]] = [(r, noRoute, None, None) for r in unrouted]
         attempts = [(name, rcpts, self._deliver(name, envelope, rcpts)) for name, rcpts in groups.items()]
         relayed: list[Recipient] = []  # delivered to a next hop that does not report success itself
         passed: set[str] = set()  # delivered to a next hop that took the DSN request
@@ -572,7 +572,9 @@ class Scheduler(Service):
             byAddress = {result.recipient: result for result in await d}
             for recipient in recipients:
                 result = byAddress.get(recipient.address)
-                results.append((recipient, result.status if result else NO_RESULT, name))
+                # getattr: a third-party backend may return a DeliveryResult-like object of its own.
+                hop = getattr(result, "relay", None) if result else None
+                results.append((recipient, result.status if result else NO_RESULT, name, hop))
                 if result is None or not result.status.ok or result.dsnPassed is None:
                     continue
                 if result.dsnPassed:
@@ -580,15 +582,15 @@ class Scheduler(Service):
                 else:
                     relayed.append(recipient)
         now = self.clock.seconds()
-        for recipient, status, backend in results:
-            self._apply(envelope, recipient, status, backend, now)
+        for recipient, status, backend, hop in results:
+            self._apply(envelope, recipient, status, backend, now, hop)
         # Reports are queued before the original's state is stored: after a
         # crash in between, a report may go twice, never zero times.
-        failed = [r for r, _, _ in results if r.state is RecipientState.FAILED]
+        failed = [r for r, *_ in results if r.state is RecipientState.FAILED]
         relayedHere = {r.address for r in relayed}
         delivered = [
             r
-            for r, _, _ in results
+            for r, *_ in results
             if r.state is RecipientState.DELIVERED and r.address not in passed and r.address not in relayedHere
         ]
         await self._report(envelope, failed, Kind.FAILURE, now)
@@ -669,7 +671,19 @@ class Scheduler(Service):
         d.addErrback(failed)
         return d
 
-    def _apply(self, envelope: Envelope, recipient: Recipient, status: Status, backend: str | None, now: float) -> None:
+    def _apply(
+        self,
+        envelope: Envelope,
+        recipient: Recipient,
+        status: Status,
+        backend: str | None,
+        now: float,
+        hop: str | None = None,
+    ) -> None:
+        """
+        Record one recipient's outcome and log it; C{hop} is the next hop that
+        gave it (L{DeliveryResult.relay}), logged as C{relay=} when known.
+        """
         recipient.attempts += 1
         recipient.last_status = status
         recipient.backend = backend
@@ -693,7 +707,7 @@ class Scheduler(Service):
             outcome = "failed" if status.permanent else "expired"
         if self.metrics is not None:
             self.metrics.outcomes.labels(backend=backend or "-", outcome=outcome).inc()
-        fields = {"queue_id": envelope.queue_id, "to": recipient.address, "backend": backend or "-"}
+        fields = {"queue_id": envelope.queue_id, "to": recipient.address, "backend": backend or "-", "relay": hop}
         fields.update(code=status.code, dsn=status.enhanced or None, reply=status.text)
         retryIn = None if recipient.next_attempt is None else recipient.next_attempt - now
         fields.update(delay=now - envelope.received_at, attempt=recipient.attempts, retry_in=retryIn)

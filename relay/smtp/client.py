@@ -140,6 +140,7 @@ class SessionError(StatusError):
     def __init__(self, status: Status, tlsFailed: bool = False) -> None:
         super().__init__(status)
         self.tlsFailed = tlsFailed  # the STARTTLS handshake failed: a plain retry may work
+        self.peer: str | None = None  # the server it failed with (peerOf), set by whoever holds the client
 
 
 class GreetingError(SessionError):
@@ -170,10 +171,30 @@ class Outgoing:
 
 @dataclass
 class Outcome:
-    """Per recipient address, a status; and whether the next hop took the DSN request."""
+    """
+    Per recipient address, a status; whether the next hop took the DSN
+    request; and who that next hop was (L{peerOf}), for the log lines.
+    """
 
     statuses: dict[str, Status] = field(default_factory=dict)
     dsnPassed: bool = False
+    peer: str | None = None
+
+
+def peerOf(client: Any) -> str | None:
+    """
+    The address and port the client's connection reached (C{[v6]:port} for
+    IPv6), or C{None} without one: the next hop actually used, whatever name
+    or MX led to it.
+    """
+    transport = getattr(client, "transport", None)
+    if transport is None:
+        return None
+    peer = transport.getPeer()
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    if host is None or port is None:
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass
@@ -523,7 +544,7 @@ async def transaction(client: SMTPClient, outgoing: Outgoing) -> Outcome:
         connection went, a wait timed out, a reply was out of step): every
         recipient is to be deferred, and the session must not be reused.
     """
-    outcome = Outcome(dsnPassed="DSN" in client.extensions)
+    outcome = Outcome(dsnPassed="DSN" in client.extensions, peer=peerOf(client))
     refusal = _unsendable(client, outgoing)
     if refusal is not None:
         outcome.statuses = {r.address: refusal for r in outgoing.recipients}

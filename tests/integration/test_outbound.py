@@ -112,6 +112,8 @@ def test_first_mx_down_second_gets_it_byte_identical(relay, tmp_path, mxWorld):
     assert message.data.startswith(b"Received: ")
     assert waitFor(lambda: "delivered " in r.logText(), 5)
     assert "127.0.0.2" in r.logText()  # the first MX was tried, and refused
+    # The line names the exchanger that took it, not the first one tried.
+    assert f"to=<someone@example.test> backend=internet relay=127.0.0.1:{sink.port} code=250" in r.logText()
 
 
 def test_one_of_three_refused_two_delivered_one_bounced(relay, tmp_path, mxWorld):
@@ -123,6 +125,10 @@ def test_one_of_three_refused_two_delivered_one_bounced(relay, tmp_path, mxWorld
     assert sink.messages[0].recipients == ["a@example.test", "b@example.test"]
     assert waitFor(lambda: len(reports(r)) == 1, 10), r.logText()[-3000:]
     assert statuses(reports(r)[0]) == {"ghost@example.test": "5.1.1"}
+    log = r.logText()
+    assert "event=bounced queue_id=" in log
+    assert f"to=<ghost@example.test> backend=internet relay=127.0.0.1:{sink.port} code=550 dsn=5.1.1" in log
+    assert f"to=<a@example.test> backend=internet relay=127.0.0.1:{sink.port} code=250" in log
 
 
 def test_temporary_refusal_is_retried_and_delivered(relay, tmp_path, mxWorld):
@@ -139,6 +145,7 @@ def test_temporary_refusal_is_retried_and_delivered(relay, tmp_path, mxWorld):
     assert waitForMessages(sink, 1, timeout=20), r.logText()[-3000:]
     assert len(seen) == 2
     assert "deferred " in r.logText()
+    assert f"to=<later@example.test> backend=internet relay=127.0.0.1:{sink.port} code=451 dsn=4.2.1" in r.logText()
     assert reports(r) == []
 
 
@@ -178,6 +185,8 @@ def test_smart_host_wrong_password_defers_not_bounces(relay, tmp_path, pki, smtp
     assert waitFor(lambda: r.logText().count("deferred ") >= 2, 15), r.logText()[-3000:]
     assert "AUTH refused" in r.logText()
     assert peer.messages == [] and reports(r) == []
+    # A session that failed still names the server it failed with.
+    assert f"to=<far@elsewhere.test> backend=internet relay=127.0.0.1:{peer.port} code=" in r.logText()
 
 
 def test_smart_host_certificate_for_another_name_defers(relay, tmp_path, pki, smtpPeers):
@@ -244,3 +253,22 @@ def test_smart_host_with_implicit_tls(relay, tmp_path, pki, smtpPeers):
     send(r.port, ["far@elsewhere.test"])
     assert waitForMessages(peer, 1), r.logText()[-3000:]
     assert peer.messages[0].data.endswith(BODY)
+
+
+def test_smart_host_lines_name_the_relay_actually_used(relay, tmp_path, smtpPeers):
+    """
+    relay=ADDRESS:PORT is the server the attempt talked to (host = localhost
+    reached at 127.0.0.1); an attempt that had no session (nothing listening
+    yet) is deferred without it.
+    """
+    port = freePort()
+    lines = ["[delivery:internet]", "plugin = smarthost", "host = localhost", f"port = {port}", "tls = none"]
+    r = relayWith(relay, tmp_path, "\n".join(lines) + "\n")
+    send(r.port, ["far@elsewhere.test"])
+    assert waitFor(lambda: "event=deferred " in r.logText(), 10), r.logText()[-3000:]
+    [deferred] = [line for line in r.logText().splitlines() if "event=deferred " in line][:1]
+    assert "to=<far@elsewhere.test> backend=internet code=451 dsn=4.4.1" in deferred and "relay=" not in deferred
+    peer = smtpPeers(port=port)
+    assert waitForMessages(peer, 1, timeout=20), r.logText()[-3000:]
+    assert waitFor(lambda: "event=delivered " in r.logText(), 5), r.logText()[-3000:]
+    assert f"to=<far@elsewhere.test> backend=internet relay=127.0.0.1:{port} code=250" in r.logText()
