@@ -263,7 +263,11 @@ def test_power_cuts_lose_and_mix_up_nothing(tmp_path, capsys):
     mountpoint = tmp_path / "disk"
     config = tmp_path / "relay.ini"
     queue = "retry = 1s\n" + QUEUE
-    config.write_text(smarthostConfig(mountpoint / "var", port, sink.port, queue=queue))
+    # The control socket lives outside the mount: strictfs models files and
+    # directories, not sockets, and a relay whose control endpoint cannot bind
+    # does not start.
+    control = f"\n[control]\nendpoint = unix:{tmp_path / 'control.sock'}\n"
+    config.write_text(smarthostConfig(mountpoint / "var", port, sink.port, queue=queue) + control)
     lives: list[str] = []
     mount: StrictMount | None = None
     relay: RelayProcess | None = None
