@@ -268,8 +268,13 @@ class QueueScan:
     @ivar total: the number of committed messages in the store.
     @ivar later: the earliest due time of the messages left out for being due
         later or past the limit (not counting the excluded ones), or C{None}.
+    @ivar oldest: when the oldest committed message (excluded ones included)
+        arrived, if the store can tell without reading messages; C{None} when
+        the store is empty or cannot tell.  It feeds the oldest-queued-age
+        metric, which the active set alone would understate.
     """
 
     due: list[tuple[float, str]]
     total: int
     later: float | None
+    oldest: float | None = None

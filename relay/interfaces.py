@@ -220,7 +220,8 @@ class IQueueStore(Interface):
             number of messages in the store; and the earliest due time of
             the messages left out for being due later or past C{limit}
             (C{None} if there are none), so that the caller knows when to
-            scan again.  Its cost may grow with the size of the queue: it
+            scan again; optionally (C{oldest}) when the oldest message
+            arrived, if the store can tell without reading messages.  Its cost may grow with the size of the queue: it
             runs off the reactor thread, and callers ask it sparingly.
         """
 

@@ -53,7 +53,7 @@ class Metrics:
         )
         self.oldestAge = Gauge(
             "relay_queue_oldest_age_seconds",
-            "Age of the oldest message in the active set (0 when it is empty)",
+            "Age of the oldest queued message, deferred mail on disk included (0 when the queue is empty)",
             registry=self.registry,
         )
         self.deliveryLatency = Histogram(

@@ -1205,3 +1205,24 @@ def test_updates_a_dead_worker_left_unanswered_fail_and_rewrite_the_journal(tmp_
     result(store.update(envelope))
     assert reactor.workers[1].requests[-1].flags & fsworker.COMPACT
     assert load(store, envelope.queue_id).recipients[0].attempts == 5
+
+
+def test_the_oldest_arrival_comes_from_the_queue_ids(tmp_path, make):
+    # No message is read: the ids a store makes carry their arrival time, so
+    # the scan's oldest is the least id's, to the microsecond.
+    from relay.queue.filesystem import arrivalOf
+
+    clock = Clock()
+    clock.advance(1_800_000_000.25)
+    store = make(tmp_path / "queue", clock)
+    first = store.begin()
+    clock.advance(3600)
+    second = store.begin()
+    for incoming in (second, first):
+        incoming.write(b"Subject: x\r\n\r\nbody\r\n")
+        result(incoming.commit(Envelope(incoming.queue_id, "s@example.org", [Recipient("r@example.test")], 0.0)))
+    assert arrivalOf(first.queue_id) == 1_800_000_000.25
+    assert result(store.scan(1e12, 10, {first.queue_id})).oldest == 1_800_000_000.25
+    result(store.remove(first.queue_id))
+    assert result(store.scan(1e12, 10, ())).oldest == 1_800_003_600.25
+    assert arrivalOf("M000000000001") is None and arrivalOf("0123456789ABCDEF012") is None  # not made by newQueueID

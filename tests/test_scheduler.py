@@ -656,3 +656,18 @@ def test_relay_is_logged_when_the_backend_names_one_and_left_out_otherwise():
     assert "backend=local relay=[2001:db8::7]:2525 code=451" in logged["b@x.example"]
     assert "to=<c@x.example> backend=local code=250" in logged["c@x.example"]
     assert "to=<d@x.example> backend=local code=250" in logged["d@x.example"]
+
+
+def test_the_oldest_age_counts_mail_left_on_disk():
+    # Deferred mail the active set does not hold is still the oldest in the
+    # queue: the operator's "oldest queued age" must not look young.
+    clock = Clock()
+    clock.advance(10_000)
+    store = MemoryQueueStore()
+    stored(store, clock, "old@x.example", 4_000.0, nextAttempt=50_000.0)  # on disk, due much later
+    stored(store, clock, "new@x.example", 9_000.0)
+    backend, scheduler = restarted(store, clock, {"new@x.example": [OK]}, recoverySpread=0.0)
+    clock.advance(1)
+    assert [c[1][0] for c in backend.calls] == ["new@x.example"]
+    assert scheduler.held() == 0 and scheduler.queued() == 1  # the old one waits on disk, not in memory
+    assert scheduler.oldestAge() == 6_001.0  # arrived at 4,000: known from the scan, not the active set

@@ -163,6 +163,17 @@ def _nanoseconds(when: float) -> int:
     return whole * 1_000_000_000 + round((when - whole) * 1_000_000_000)
 
 
+_TIMED_ID = re.compile(r"^[0-9a-f]{19}$")
+"""A queue id as L{FilesystemQueueStore.newQueueID} makes them: arrival in microseconds (13 hex digits), 6 random."""
+
+
+def arrivalOf(queueID: str) -> float | None:
+    """When a message began to arrive, from its queue id; None for an id not made by newQueueID."""
+    if not _TIMED_ID.match(queueID):
+        return None
+    return int(queueID[:13], 16) / 1_000_000
+
+
 def _seconds(nanoseconds: int) -> float:
     # The inverse of _nanoseconds: a time stored from a float comes back as that float.
     return nanoseconds // 1_000_000_000 + (nanoseconds % 1_000_000_000) / 1e9
@@ -665,7 +676,7 @@ class FilesystemQueueStore:
 
     # -- queue ids -------------------------------------------------------
 
-    def newQueueID(self) -> str:
+    def newQueueID(self) -> str:  # see arrivalOf for the other direction
         """
         A queue id: microseconds of the clock, then random digits.
 
@@ -789,6 +800,7 @@ class FilesystemQueueStore:
         cutoff = _nanoseconds(before)
         # A max-heap (due negated) of the earliest due entries so far.
         heap: list[tuple[int, str]] = []
+        first: str | None = None  # ids sort by arrival: the least is the oldest message
         orphans = damaged = 0
         directory = str(self.messagesPath)
         with os.scandir(directory) as entries:
@@ -814,6 +826,8 @@ class FilesystemQueueStore:
                 except FileNotFoundError:
                     continue  # removed meanwhile
                 total += 1
+                if (first is None or name < first) and _TIMED_ID.match(name):
+                    first = name  # equal-length hex: text order is numeric order
                 if name in exclude:
                     continue
                 if due <= cutoff:
@@ -833,7 +847,8 @@ class FilesystemQueueStore:
                 ("{count} damaged messages are set aside in messages/ (*.damaged) for an operator", {"count": damaged})
             )
         due = [(_seconds(due), name) for due, name in kept]
-        return QueueScan(due, total, None if later is None else _seconds(later)), notes
+        oldest = None if first is None else arrivalOf(first)
+        return QueueScan(due, total, None if later is None else _seconds(later), oldest), notes
 
     def _load(self, queueID: str) -> tuple[Envelope, bool] | Damaged:
         """The envelope with its journal's state, and whether the journal was clean; or what is wrong."""

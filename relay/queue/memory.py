@@ -85,7 +85,8 @@ class MemoryQueueStore:
         )
         due = [c for c in candidates if c[0] <= before][:limit]
         left = candidates[len(due) :]
-        return succeed(QueueScan(due, len(self.messages), left[0][0] if left else None))
+        oldest = min((envelope.received_at for envelope, _ in self.messages.values()), default=None)
+        return succeed(QueueScan(due, len(self.messages), left[0][0] if left else None, oldest))
 
     def load(self, queueID: str) -> Deferred[Envelope]:
         if queueID not in self.messages:

@@ -182,6 +182,7 @@ class Scheduler(Service):
         # What is on disk only.
         self._stored = 0  # messages in the store, as last counted and kept up since
         self._diskNext: float | None = None  # the disk may hold a message due then
+        self._diskOldest: float | None = None  # arrival of the oldest message on disk, as of the last scan
         self._recovered = False
         self._recoveredAt = 0.0
         self._counted = True  # False until a scan counts a queue recovery did not
@@ -262,10 +263,18 @@ class Scheduler(Service):
         return len(self._envelopes)
 
     def oldestAge(self) -> float:
-        """Seconds since the oldest message of the active set arrived; 0 when it is empty."""
-        if not self._envelopes:
+        """
+        Seconds since the oldest queued message arrived; 0 when nothing is
+        queued.  The active set's messages are known here; deferred mail left
+        on disk is known by the store's last scan (L{QueueScan.oldest}), so a
+        message delivered since that scan may still count until the next one.
+        """
+        arrivals = [e.received_at for e in self._envelopes.values()]
+        if self._diskOldest is not None and self._stored:
+            arrivals.append(self._diskOldest)
+        if not arrivals:
             return 0.0
-        return max(0.0, self.clock.seconds() - min(e.received_at for e in self._envelopes.values()))
+        return max(0.0, self.clock.seconds() - min(arrivals))
 
     def busy(self) -> dict[tuple[str, str], int]:
         """Attempts in flight per destination (backend name, domain)."""
@@ -346,6 +355,7 @@ class Scheduler(Service):
             self._countedQueue(scan.total)
         self._stored = scan.total
         self._diskNext = scan.later
+        self._diskOldest = getattr(scan, "oldest", None)  # a store's own QueueScan-alike may lack it
         if self._scanNote is not None:
             self._diskNext = self._scanNote if self._diskNext is None else min(self._diskNext, self._scanNote)
         wanted = [(due, q) for due, q in scan.due[: self._reserved] if q not in self._envelopes and q not in self._gone]

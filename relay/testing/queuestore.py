@@ -27,7 +27,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from relay.envelope import Envelope, QueueScan, Recipient, RecipientState, Status
+from relay.envelope import Envelope, Recipient, RecipientState, Status
 from relay.interfaces import IIncomingMessage, IQueueStore
 
 DATA = b"Received: from x\r\n\tby y; now\r\nSubject: contract\r\n\r\nbody \xff\x00 8bit\r\n.dot\r\n"
@@ -41,6 +41,11 @@ def resolve(value: Any) -> Any:
     if isinstance(outcome[0], Failure):
         outcome[0].raiseException()
     return outcome[0]
+
+
+def dueTotalLater(scan: Any) -> tuple[Any, int, float | None]:
+    """A scan's fields that every store must give (C{oldest} is optional)."""
+    return (scan.due, scan.total, scan.later)
 
 
 def envelopeFor(queueID: str, *addresses: str) -> Envelope:
@@ -154,7 +159,7 @@ class QueueStoreContract:
         aborted.abort()
         again, count = self.restart()
         assert count == 0
-        assert self.scanAll(again) == QueueScan([], 0, None)
+        assert dueTotalLater(self.scanAll(again)) == ([], 0, None)
 
     def test_abort_after_commit_keeps_the_message(self, store):
         incoming = store.begin()
@@ -254,7 +259,24 @@ class QueueStoreContract:
         assert (scan.total, scan.later) == (4, base + 1000)
         scan = self.scanAll(store, before=base, exclude={future.queue_id})
         assert (scan.due, scan.total, scan.later) == ([], 4, base + 10)
-        assert self.scanAll(store, before=base + 30, limit=0) == QueueScan([], 4, base + 10)
+        assert dueTotalLater(self.scanAll(store, before=base + 30, limit=0)) == ([], 4, base + 10)
+
+    def test_scan_tells_when_the_oldest_message_arrived(self, store):
+        """
+        C{oldest} is optional (C{None}: the store cannot tell cheaply), but a
+        value given is the arrival of the oldest committed message, excluded
+        ones included, and C{None} once the store is empty.
+        """
+        assert self.scanAll(store).oldest is None
+        first = self.queue(store)
+        second = self.queue(store)
+        scan = self.scanAll(store, exclude={first.queue_id})
+        if scan.oldest is not None:
+            # Both stores here begin a message at 1,800,000,000 (their clock) and receive it 0.5 s later.
+            assert abs(scan.oldest - first.received_at) <= 1.0, scan.oldest
+        resolve(store.remove(first.queue_id))
+        resolve(store.remove(second.queue_id))
+        assert self.scanAll(store).oldest is None
 
     def test_update_moves_the_due_time_both_ways(self, store):
         base = 1_800_000_000.0
@@ -263,7 +285,7 @@ class QueueStoreContract:
         envelope.recipients[0].next_attempt = base + 300
         envelope.recipients[1].next_attempt = base + 100
         resolve(store.update(envelope))
-        assert self.scanAll(store, before=base + 99) == QueueScan([(base + 50, other.queue_id)], 2, base + 100)
+        assert dueTotalLater(self.scanAll(store, before=base + 99)) == ([(base + 50, other.queue_id)], 2, base + 100)
         envelope.recipients[1].state = RecipientState.DELIVERED  # only the first is pending: due later
         resolve(store.update(envelope))
         assert self.scanAll(store, before=base + 299).later == base + 300
