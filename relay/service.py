@@ -20,7 +20,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
@@ -33,6 +33,7 @@ from relay.delivery.router import Router
 from relay.errors import ConfigError, OptionError
 from relay.fsutil import makeDirectories
 from relay.interfaces import IDeliveryBackendFactory, IQueueStoreFactory, IRecipientValidatorFactory
+from relay.logs import logEvent
 from relay.metrics import Metrics
 from relay.policy import Policy
 from relay.queue.scheduler import Scheduler
@@ -257,7 +258,14 @@ class RelayService(MultiService):
         listeners = [service for service in reversed(list(self)) if service is not self.scheduler]
         stops = [maybeDeferred(service.stopService) for service in listeners if service.running]
         if self.scheduler.running:
-            stops.append(self._bounded(maybeDeferred(self.scheduler.stopService), grace, "deliveries in flight"))
+            stops.append(
+                self._bounded(
+                    maybeDeferred(self.scheduler.stopService),
+                    grace,
+                    "deliveries in flight",
+                    self._logAbandonedAttempts,
+                )
+            )
         stops.extend(self._bounded(factory.shutdown(grace), grace + 2.0, "sessions") for factory in self.factories)
         d: Deferred[Any] = DeferredList(stops)
         d.addCallback(lambda _: self._stopBackends())
@@ -265,7 +273,9 @@ class RelayService(MultiService):
         d.addBoth(self._stopExecutors)
         return d
 
-    def _bounded(self, d: Deferred[Any], seconds: float, what: str) -> Deferred[Any]:
+    def _bounded(
+        self, d: Deferred[Any], seconds: float, what: str, onAbandon: Callable[[], None] | None = None
+    ) -> Deferred[Any]:
         """C{d}, or None after C{seconds}: whatever is still running then is abandoned (and logged)."""
         if self.clock is None or d.called:
             return d
@@ -273,6 +283,8 @@ class RelayService(MultiService):
 
         def late() -> None:
             self.log.warn("stopping: {what} still running after {seconds}s, abandoned", what=what, seconds=seconds)
+            if onAbandon is not None:
+                onAbandon()
             bounded.callback(None)
 
         timer = self.clock.callLater(seconds, late)
@@ -286,6 +298,26 @@ class RelayService(MultiService):
 
         d.addBoth(done)
         return bounded
+
+    def _logAbandonedAttempts(self) -> None:
+        """
+        One line per attempt cut off by the stop: its outcome is never stored,
+        so the next start tries those recipients again.  Where the next hop had
+        already answered 250, that is the one way a message arrives twice.
+        """
+        for queueID, destinations in sorted(self.scheduler.attemptsInFlight().items()):
+            for backend, domain in sorted(destinations):
+                logEvent(
+                    self.log,
+                    "abandoned",
+                    {
+                        "queue_id": queueID,
+                        "backend": backend,
+                        "domain": domain,
+                        "note": "not stored: tried again at the next start, twice over if already delivered",
+                    },
+                    LogLevel.warn,
+                )
 
     def reload(self, load: Callable[[str], Settings] | None = None) -> bool:
         """

@@ -306,3 +306,45 @@ def test_an_unusable_state_dir_is_one_config_error(tmp_path):
         assert str(e).startswith(f"{tmp_path / 'relay.ini'}: [relay] state_dir: cannot use {blocker / 'var'}")
     else:
         raise AssertionError("no error")
+
+
+def test_an_attempt_cut_off_by_the_stop_is_logged_as_abandoned():
+    # Its outcome is never stored, so the next start tries it again: if the
+    # next hop had already said 250, that is a second copy, and the operator
+    # reading the log must be able to tell which message it was.
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from tests.test_scheduler import OK, ScriptedBackend, queue
+
+    clock = Clock()
+    clock.advance(1000)
+    store = MemoryQueueStore()
+    backend = ScriptedBackend({"r@x.example": [OK]})
+    backend.hold = Deferred()  # the next hop never answers
+    scheduler = Scheduler(store, Router(lambda domain: "local", {"local": backend}), clock, (60.0,), 3600.0)
+    settings = SimpleNamespace(queue=SimpleNamespace(path=Path("/var/relay/queue")), shutdown_grace=3.0)
+    top = RelayService(settings, store, scheduler)
+    top.clock = clock
+    scheduler.setServiceParent(top)
+    top.startService()
+    envelope = queue(store, clock, "r@x.example")
+    scheduler.enqueue(envelope)
+    clock.advance(0)
+    assert backend.calls and scheduler.attemptsInFlight() == {envelope.queue_id: {("local", "x.example")}}
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        stopped: list[object] = []
+        top.stopService().addCallback(stopped.append)
+        clock.advance(2.9)
+        assert not [e for e in events if e.get("relay_event") == "abandoned"]  # within the grace: not yet
+        clock.advance(0.2)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert stopped
+    lines = [formatEvent(e) for e in events if e.get("relay_event") == "abandoned"]
+    assert lines == [
+        f"event=abandoned queue_id={envelope.queue_id} backend=local domain=x.example"
+        ' note="not stored: tried again at the next start, twice over if already delivered"'
+    ]
+    assert envelope.queue_id in store.messages  # still queued, unmarked

@@ -478,6 +478,10 @@ class Scheduler(Service):
         self._arm()
         self._armScan()
 
+    def attemptsInFlight(self) -> dict[str, set[tuple[str, str]]]:
+        """The attempts running now: queue id to its destinations (backend name, domain)."""
+        return {queueID: set(destinations) for queueID, destinations in self._holding.items()}
+
     def _start(self, queueID: str, destinations: set[tuple[str, str]], work: Any) -> None:
         self._holding[queueID] = destinations
         self._running += 1
