@@ -211,8 +211,8 @@ class RelayProcess:
     """
 
     PATTERNS = {
-        "accepted": rb" accepted \S+ from=",
-        "delivered": rb" delivered \S+ to=",
+        "accepted": rb" event=accepted queue_id=",
+        "delivered": rb" event=delivered queue_id=",
         "recovered": rb"recovered \d+",
     }
 

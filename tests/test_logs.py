@@ -156,3 +156,32 @@ def test_json_format_is_offered_for_standard_output_and_log_files(tmp_path):
     assert isinstance(twistdObserver(foreground, out, "json"), JSONLogObserver)
     assert isinstance(twistdObserver({**foreground, "logfile": str(tmp_path / "r.log")}, out, "json"), JSONLogObserver)
     assert twistdObserver({**foreground, "syslog": True}, out, "json") is None
+
+
+def test_the_benchmarks_count_the_lines_the_relay_writes():
+    # bench/ counts accepted and delivered messages by these lines: a change
+    # of the log format must not leave make bench waiting for lines that never come.
+    import re
+    import sys
+    from pathlib import Path
+
+    from twisted.logger import Logger
+
+    from relay.logs import logEvent
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        from common import RelayProcess
+    finally:
+        sys.path.pop(0)
+    out = io.StringIO()
+    log = Logger(namespace="relay.smtp.server.SMTPServer", observer=TextLogObserver(out))
+    logEvent(log, "accepted", {"queue_id": "19c2b0d5e3a41a3f9e0", "from": "a@example.org", "size": 312, "nrcpt": 1})
+    logEvent(log, "delivered", {"queue_id": "19c2b0d5e3a41a3f9e0", "to": "someone@localhost", "code": 250})
+    accepted, delivered = out.getvalue().encode().splitlines()
+    assert re.search(RelayProcess.PATTERNS["accepted"], accepted) and not re.search(
+        RelayProcess.PATTERNS["accepted"], delivered
+    )
+    assert re.search(RelayProcess.PATTERNS["delivered"], delivered) and not re.search(
+        RelayProcess.PATTERNS["delivered"], accepted
+    )
