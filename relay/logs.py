@@ -13,6 +13,7 @@ short path for the common event (no failure, one line of text).
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -64,7 +65,9 @@ class TextLogObserver:
     def format(self, event: LogEvent) -> str | None:
         if "log_failure" in event or "log_format" not in event:
             return formatEventAsClassicLogText(event, formatTime=self._stamps)
-        text = formatEvent(event)
+        # An operator event carries its text already (logEvent): no need to
+        # parse its escaped format back, a few microseconds on every line.
+        text = event.get("relay_text") or formatEvent(event)
         if not text:
             return None
         system = event.get("log_system")
@@ -111,6 +114,7 @@ EVENTS = ("connect", "disconnect", "accepted", "rejected", "delivered", "deferre
 """The events an operator follows a message by; each is one log line."""
 
 _ADDRESS_KEYS = frozenset({"from", "to"})
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
 
 
 def _textValue(key: str, value: Any) -> str:
@@ -121,7 +125,7 @@ def _textValue(key: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     text = str(value)
-    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+    if not text or _NEEDS_QUOTES.search(text) is not None or not text.isprintable():
         # JSON string syntax: a shipper splits on spaces outside quotes and
         # unescapes as JSON would; the line stays one line.
         return json.dumps(text, ensure_ascii=False)
@@ -151,7 +155,7 @@ def logEvent(log: Logger, name: str, fields: dict[str, Any], level: LogLevel = L
     carry the same facts.
     """
     text = eventText(name, fields)
-    log.emit(level, text.replace("{", "{{").replace("}", "}}"), relay_event=name, relay_fields=fields)
+    log.emit(level, text.replace("{", "{{").replace("}", "}}"), relay_event=name, relay_fields=fields, relay_text=text)
 
 
 @implementer(ILogObserver)
