@@ -48,19 +48,35 @@ class SecondStamps:
 @implementer(ILogObserver)
 class TextLogObserver:
     """
-    Write each event as C{"{timestamp} [{system}] {text}\\n"} to C{out},
-    flushed at once: exactly what C{twistd}'s own text observer writes.
+    Write each event as C{"{timestamp} [{system}] {text}\\n"} to C{out}:
+    exactly what C{twistd}'s own text observer writes.
+
+    Without a C{clock} every line is flushed at once.  With one, the lines
+    of one turn of the reactor go out together at its end (C{callLater(0)}):
+    a message on a new connection logs three lines, and a write each was a
+    fifth of the reactor thread's busy time at 2 KB.  What a SIGKILL can
+    take is then the lines of the turn it interrupts, never mail.
     """
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], clock: Any = None) -> None:
         self._out = out
         self._stamps = SecondStamps()
+        self._clock = clock
+        self._pending: Any = None
 
     def __call__(self, event: LogEvent) -> None:
         line = self.format(event)
         if line:
             self._out.write(line)
-            self._out.flush()
+            if self._clock is None:
+                self._out.flush()
+            elif self._pending is None:
+                self._pending = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write out what this turn logged."""
+        self._pending = None
+        self._out.flush()
 
     def format(self, event: LogEvent) -> str | None:
         if "log_failure" in event or "log_format" not in event:
@@ -77,7 +93,7 @@ class TextLogObserver:
         return f"{self._stamps(event.get('log_time'))} [{system}] {text.replace(chr(10), chr(10) + chr(9))}\n"
 
 
-def twistdObserver(twistdOptions: Any, out: IO[str], format: str = "text") -> Any:
+def twistdObserver(twistdOptions: Any, out: IO[str], format: str = "text", clock: Any = None) -> Any:
     """
     The observer C{twistd} should use, given its own command-line options
     and C{[log] format}.  Text: ours when C{twistd} would write text to
@@ -105,7 +121,7 @@ def twistdObserver(twistdOptions: Any, out: IO[str], format: str = "text") -> An
         return JSONLogObserver(LogFile.fromFullPath(logfile or "twistd.log"))  # type: ignore[arg-type]
     if not toStdout:
         return None
-    return TextLogObserver(out)
+    return TextLogObserver(out, clock)
 
 
 # -- operator events ------------------------------------------------------

@@ -95,7 +95,12 @@ def makeService(options: Options) -> IService:
     if options["check"]:
         sys.stdout.write(f"relay: {options['config']} is valid\n")
         raise SystemExit(0)
-    service.logObserver = twistdObserver(getattr(options, "parent", None), sys.stdout, service.settings.log_format)
+    observer = twistdObserver(getattr(options, "parent", None), sys.stdout, service.settings.log_format, reactor)
+    flush = getattr(observer, "flush", None)
+    if flush is not None:
+        # The lines of the last turn before the reactor stops, written out.
+        reactor.addSystemEventTrigger("after", "shutdown", flush)
+    service.logObserver = observer
     parent = getattr(options, "parent", None)
     if parent is not None and parent.get("nodaemon"):
         service.startupFailed = _exitAtOnce

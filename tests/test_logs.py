@@ -185,3 +185,39 @@ def test_the_benchmarks_count_the_lines_the_relay_writes():
     assert re.search(RelayProcess.PATTERNS["delivered"], delivered) and not re.search(
         RelayProcess.PATTERNS["delivered"], accepted
     )
+
+
+class CountingOut(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def test_with_a_clock_the_lines_of_one_turn_are_flushed_together():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    out = CountingOut()
+    observer = TextLogObserver(out, clock)
+    for n in range(3):
+        observer({"log_format": f"line {n}", "log_time": NOW, "log_system": "s"})
+    assert out.flushes == 0 and out.getvalue().count("\n") == 3  # written, to go out at the end of the turn
+    clock.advance(0)
+    assert out.flushes == 1
+    observer({"log_format": "next turn", "log_time": NOW, "log_system": "s"})
+    clock.advance(0)
+    assert out.flushes == 2
+    observer.flush()  # as at shutdown: nothing left behind
+    assert out.flushes == 3 and not clock.getDelayedCalls()
+
+
+def test_without_a_clock_every_line_is_flushed():
+    out = CountingOut()
+    observer = TextLogObserver(out)
+    observer({"log_format": "one", "log_time": NOW, "log_system": "s"})
+    observer({"log_format": "two", "log_time": NOW, "log_system": "s"})
+    assert out.flushes == 2
