@@ -481,12 +481,8 @@ def test_scan_reads_no_message(tmp_path, make, monkeypatch):
 # -- commits ------------------------------------------------------------------------
 
 
-def test_commit_syncs_file_then_directory_once_per_batch(tmp_path, make, monkeypatch):
-    """Group commit: messages waiting while one batch runs share the next directory sync."""
-    pending = Pending()
-    store = make(tmp_path, blocking=pending)
-    fsyncs = countCalls(monkeypatch, fsworker, "fsyncFile")
-    directories = countCalls(monkeypatch, fsworker, "fsyncDirectory")
+def commitFiveTogether(store: FilesystemQueueStore, pending: Pending) -> None:
+    """Five commits handed to the store before its blocking work runs: the first alone, then the four that waited."""
     commits = []
     for _ in range(5):
         incoming = store.begin()
@@ -494,6 +490,15 @@ def test_commit_syncs_file_then_directory_once_per_batch(tmp_path, make, monkeyp
         commits.append(incoming.commit(envelopeFor(incoming.queue_id)))
     pending.runAll()
     assert [result(d) for d in commits] == [None] * 5
+
+
+def test_commit_syncs_file_then_directory_once_per_batch(tmp_path, make, monkeypatch):
+    """Group commit: messages waiting while one batch runs share the next directory sync."""
+    pending = Pending()
+    store = make(tmp_path, blocking=pending)
+    fsyncs = countCalls(monkeypatch, fsworker, "fsyncFile")
+    directories = countCalls(monkeypatch, fsworker, "fsyncDirectory")
+    commitFiveTogether(store, pending)
     # The first commit's batch ran alone; the four that arrived while it ran
     # shared the second: one directory sync each, one fsync per file.
     assert (len(fsyncs), len(directories)) == (5, 2)
@@ -508,13 +513,7 @@ def test_commit_batch_sizes_reach_the_metrics(tmp_path, make):
     store = make(tmp_path, blocking=pending)
     metrics = Metrics()
     metrics.watchStore(store)
-    commits = []
-    for _ in range(5):
-        incoming = store.begin()
-        incoming.write(DATA)
-        commits.append(incoming.commit(envelopeFor(incoming.queue_id)))
-    pending.runAll()
-    assert [result(d) for d in commits] == [None] * 5
+    commitFiveTogether(store, pending)
     value = metrics.registry.get_sample_value
     assert (value("relay_queue_commit_batch_size_count"), value("relay_queue_commit_batch_size_sum")) == (2, 5)
     assert value("relay_queue_commit_batch_size_bucket", {"le": "1.0"}) == 1
