@@ -214,6 +214,46 @@ def test_destination_concurrency_limit():
     assert scheduler.busy() == {}
 
 
+class SlowRemoves(MemoryQueueStore):
+    """Removes answer only when the test says: a queue whose next batch of fsyncs is still to come."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[Deferred[None]] = []
+
+    def remove(self, queueID):
+        d: Deferred[None] = Deferred()
+        d.addCallback(lambda _: super(SlowRemoves, self).remove(queueID))
+        self.pending.append(d)
+        return d
+
+
+def test_destination_slot_is_free_once_answered_not_once_stored():
+    """
+    With one slot for x.example, the second message goes as soon as the first
+    has its 250, while the first's removal is still waiting on the store; the
+    first still counts as an attempt in flight until it is stored.
+    """
+    clock, _, backend, _ = setup({})
+    store = SlowRemoves()
+    backend = ScriptedBackend({"a@x.example": [OK], "b@x.example": [OK]})
+    router = Router(lambda domain: "local", {"local": backend})
+    scheduler = Scheduler(store, router, clock, (60.0, 300.0), 3600.0, destinationConcurrency=1, jitter=0.0)
+    scheduler.recovered(0)
+    first = queue(store, clock, "a@x.example")
+    second = queue(store, clock, "b@x.example")
+    scheduler.enqueue(first)
+    scheduler.enqueue(second)
+    clock.advance(0)
+    assert [c[0] for c in backend.calls] == [first.queue_id, second.queue_id]
+    assert len(store.pending) == 2 and set(store.messages) == {first.queue_id, second.queue_id}
+    assert set(scheduler.attemptsInFlight()) == {first.queue_id, second.queue_id}
+    assert scheduler.busy() == {}
+    for d in store.pending:
+        d.callback(None)
+    assert store.messages == {} and scheduler.attemptsInFlight() == {}
+
+
 def test_message_for_two_destinations_waits_for_the_full_one():
     clock, store, backend, scheduler = setup(
         {"a@x.example": [OK, OK], "b@y.example": [OK], "c@x.example": [OK]}, destinationConcurrency=1

@@ -32,7 +32,10 @@ Two limits bound the work in flight: C{concurrency} attempts in all, and
 C{destinationConcurrency} attempts per destination (a delivery backend and a
 recipient domain: one smart host, one MX domain, one maildir domain), so one
 slow or huge destination cannot take every slot.  A message whose destination
-is full waits, out of the heap, until an attempt there finishes.
+is full waits, out of the heap, until an attempt there has its answers.  The
+slot is given back then, not once the outcome is stored: storing is the
+queue's work, not the destination's, and a slot held through the store's
+next batch of fsyncs would leave the next hop idle for it.
 """
 
 from __future__ import annotations
@@ -167,7 +170,8 @@ class Scheduler(Service):
         self.recoveryRate = recoveryRate
         self.recoverySpread = recoverySpread
         self._busy: Counter[tuple[str, str]] = Counter()
-        self._holding: dict[str, set[tuple[str, str]]] = {}
+        self._holding: dict[str, set[tuple[str, str]]] = {}  # attempts in flight, until stored
+        self._slots: dict[str, set[tuple[str, str]]] = {}  # destination slots taken, until answered
         self._parked: dict[tuple[str, str], list[str]] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
@@ -484,6 +488,7 @@ class Scheduler(Service):
 
     def _start(self, queueID: str, destinations: set[tuple[str, str]], work: Any) -> None:
         self._holding[queueID] = destinations
+        self._slots[queueID] = destinations
         self._running += 1
         self._active.add(queueID)
         d = Deferred.fromCoroutine(work)
@@ -502,11 +507,10 @@ class Scheduler(Service):
             (self.router.backendName(r.address) or "", r.address.rpartition("@")[2].lower()) for r in envelope.pending()
         }
 
-    def _finished(self, _: object, queueID: str) -> None:
-        self._running -= 1
-        self._active.discard(queueID)
+    def _freeSlots(self, queueID: str) -> None:
+        """The attempt on C{queueID} has its answers (or ended): its destinations may take another."""
         now = self.clock.seconds()
-        for destination in self._holding.pop(queueID, ()):
+        for destination in self._slots.pop(queueID, ()):
             self._busy[destination] -= 1
             if not self._busy[destination]:
                 del self._busy[destination]
@@ -515,6 +519,12 @@ class Scheduler(Service):
             for waiting in self._parked.pop(destination, ()):
                 if waiting in self._envelopes:
                     self._push(waiting, now)
+
+    def _finished(self, _: object, queueID: str) -> None:
+        self._running -= 1
+        self._active.discard(queueID)
+        self._holding.pop(queueID, None)
+        self._freeSlots(queueID)
         for waiting in self._attempted.pop(queueID, ()):
             waiting.callback(None)
         if self._running == 0:
@@ -595,6 +605,9 @@ class Scheduler(Service):
                     passed.add(recipient.address)
                 else:
                     relayed.append(recipient)
+        # Every destination has answered: what is left (reports, storing the
+        # outcome) waits on the queue, and the next message may go meanwhile.
+        self._freeSlots(envelope.queue_id)
         now = self.clock.seconds()
         for recipient, status, backend, hop in results:
             self._apply(envelope, recipient, status, backend, now, hop)
