@@ -189,6 +189,8 @@ class MaildirBackend:
         self._hostname = _escapeHostname(hostname)
         self._blocking = blocking
         self._clock = clock
+        # refuses() answers for the same few addresses all day, once per RCPT.
+        self._refused: dict[str, bool] = {}
 
     def maildirFor(self, address: str) -> str | None:
         """The maildir of C{address}, or C{None} if the address cannot name one safely."""
@@ -212,7 +214,12 @@ class MaildirBackend:
         server refuses it at RCPT instead of accepting it and sending a
         report, perhaps to a forged sender, later.  No file system access.
         """
-        return BAD_MAILBOX if self.maildirFor(address) is None else None
+        refused = self._refused.get(address)
+        if refused is None:
+            if len(self._refused) >= 4096:
+                self._refused.clear()  # bounded: many distinct addresses just recompute
+            refused = self._refused[address] = self.maildirFor(address) is None
+        return BAD_MAILBOX if refused else None
 
     def uniqueName(self) -> str:
         """A maildir file name: C{<secs>.M<usecs>P<pid>Q<counter>.<hostname>}."""

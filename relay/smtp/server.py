@@ -1205,7 +1205,8 @@ class SMTPServerFactory(ServerFactory):
     def admit(self, protocol: SMTPServer) -> str | None:
         """None if the session may start (then counted until L{release}), else why not."""
         client = protocol.client
-        trusted = clientIP(client) is None or self.settings.policy.mayRelay(client, None)
+        # mayRelay is remembered per client: a relay client's session costs no address parse.
+        trusted = self.settings.policy.mayRelay(client, None) or clientIP(client) is None
         refusal = self.limits.admit(client, trusted, self.settings)
         protocol._admitted = refusal is None
         if refusal is None:
