@@ -59,6 +59,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "auth",
         "plaintext_auth",
         "proxy_protocol",
+        "proxy_timeout",
         "max_sessions_per_client",
         "max_sessions_per_relay_client",
         "max_connection_rate",
@@ -190,6 +191,7 @@ class Listener:
     auth: str = "none"
     plaintext_auth: bool = False
     proxy_protocol: str = "no"
+    proxy_timeout: float = 10.0  # for the whole PROXY header to arrive
     # Abuse resistance (issue 13): what one client may take of this listener.
     max_sessions_per_client: int = 50
     max_sessions_per_relay_client: int = 500
@@ -496,6 +498,7 @@ def _listener(r: _Reader, section: str) -> Listener:
         auth=r.choice(section, "auth", "none", ("none", "optional", "required")),
         plaintext_auth=r.convert(section, "plaintext_auth", "no", _boolean),
         proxy_protocol=r.choice(section, "proxy_protocol", "no", ("no", "v1", "v2")),
+        proxy_timeout=positive("proxy_timeout", "10s", parse_duration),
         max_sessions_per_client=positive("max_sessions_per_client", "50"),
         max_sessions_per_relay_client=positive("max_sessions_per_relay_client", "500"),
         max_connection_rate=r.convert(section, "max_connection_rate", "120", _count),
@@ -507,8 +510,6 @@ def _listener(r: _Reader, section: str) -> Listener:
         min_data_rate=positive("min_data_rate", "1K", parse_size),
         session_deadline=positive("session_deadline", "1h", parse_duration),
     )
-    if listener.proxy_protocol != "no":
-        raise r.error(section, "proxy_protocol", f"{listener.proxy_protocol!r} is not supported yet (use no)")
     if listener.auth == "required" and listener.tls == "none" and not listener.plaintext_auth:
         raise r.error(section, "auth", "required, but AUTH is never offered: set tls or plaintext_auth = yes")
     return listener

@@ -39,6 +39,7 @@ from relay.policy import Policy
 from relay.queue.scheduler import Scheduler
 from relay.smtp.auth import PasswordFile, makePortal
 from relay.smtp.limits import SessionLimits, sessionCap
+from relay.smtp.proxied import ProxyFactory
 from relay.smtp.server import ServerSettings, SMTPServerFactory, listenerSettings
 from relay.smtp.throttle import AuthThrottle
 from relay.smtp.tls import TLSError, serverOptions, wrapImplicit
@@ -647,6 +648,17 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         if listener.tls == "implicit":
             currentTLS.append(CurrentTLS(tlsOptions))
             factory = wrapImplicit(factory, currentTLS[-1], clock=reactor)
+        if listener.proxy_protocol != "no":
+            # Outermost: the header comes in clear before anything, a TLS handshake included.
+            version = 1 if listener.proxy_protocol == "v1" else 2
+            factory = ProxyFactory(
+                factory,
+                version,
+                reactor,
+                timeout=listener.proxy_timeout,
+                maxPending=limits.maxSessions,
+                metrics=metrics,
+            )
         endpoint = serverFromString(reactor, withBacklog(listener.endpoint, listener.backlog))
         service = Listener(endpoint, factory)
         service.setName(f"listener:{listener.name}")

@@ -170,6 +170,23 @@ session_deadline = 2h
     assert load(write(tmp_path, "[relay]\nmax_sessions = Auto\n" + MINIMAL), base=tmp_path).max_sessions is None
 
 
+def test_proxy_protocol_versions(tmp_path: Path) -> None:
+    listeners = """
+[listener:v1]
+endpoint = tcp:2526
+proxy_protocol = V1
+[listener:v2]
+endpoint = tcp:2527
+proxy_protocol = v2
+proxy_timeout = 3s
+"""
+    s = load(write(tmp_path, MINIMAL + listeners), base=tmp_path)
+    found = {listener.name: (listener.proxy_protocol, listener.proxy_timeout) for listener in s.listeners}
+    assert found["smtp"] == ("no", 10.0)
+    assert found["v1"] == ("v1", 10.0)
+    assert found["v2"] == ("v2", 3.0)
+
+
 def test_base_defaults_to_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write(tmp_path, MINIMAL)
     monkeypatch.chdir(tmp_path)
@@ -518,16 +535,22 @@ def test_error_message_format(tmp_path: Path) -> None:
             "bad boolean",
         ),
         (
-            "[listener:x]\nendpoint = tcp:1\nproxy_protocol = v1\n",
+            "[listener:x]\nendpoint = tcp:1\nproxy_protocol = yes\n",
             "listener:x",
             "proxy_protocol",
-            "not supported yet",
+            "one of: no, v1, v2",
         ),
         (
-            "[listener:x]\nendpoint = tcp:1\nproxy_protocol = v2\n",
+            "[listener:x]\nendpoint = tcp:1\nproxy_protocol = v2\nproxy_timeout = 0\n",
             "listener:x",
-            "proxy_protocol",
-            "not supported yet",
+            "proxy_timeout",
+            "more than zero",
+        ),
+        (
+            "[listener:x]\nendpoint = tcp:1\nproxy_protocol = v1\nproxy_timeout = soon\n",
+            "listener:x",
+            "proxy_timeout",
+            "bad duration",
         ),
         (
             "[listener:x]\nendpoint = tcp:1\nproxy_protocol = v3\n",
