@@ -185,6 +185,29 @@ class IQueueStore(Interface):
     the ones that fall due, L{load}ing each when it takes it.  Every message
     carries a due time: when it was committed, its arrival; after an
     L{update}, the earliest C{next_attempt} of its pending recipients.
+
+    A store shared by several relays (the postgres store) also has optional
+    methods, not declared below (stores without them still provide this
+    interface, and the scheduler uses them exactly as before):
+
+      - C{claim(queue_id)}: lease the message for this relay and make its
+        data readable by L{openData} here.  @return: a Deferred firing with
+        the envelope as stored (fresher than a copy in memory if another
+        relay changed it), or C{None} if another live relay holds it or it
+        is gone.  The scheduler claims before every attempt and every
+        operator's command, and attempts nothing it could not claim;
+        L{update} and L{remove} end the lease.  A lease not ended lapses
+        after the store's own time unless the store renews it (it does for
+        claims it holds), so a relay that dies loses its leases and another
+        relay's L{scan} finds the messages.
+      - C{unclaim(queue_id)}: end a claim that ends without an update or a
+        removal (the attempt found the message held or due later).
+      - C{listing(limit)}: a L{relay.envelope.QueueScan} of every queued
+        message, whichever relay holds it, for the operator's listing; a
+        shared store's L{scan} leaves out what another live relay holds.
+      - C{leaseOwner(queue_id)}: a Deferred of the name of the relay holding
+        a live lease on it, or C{None}: named when an operator's command
+        gives up waiting for it.
     """
 
     def recover():

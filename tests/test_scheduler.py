@@ -711,3 +711,161 @@ def test_the_oldest_age_counts_mail_left_on_disk():
     assert [c[1][0] for c in backend.calls] == ["new@x.example"]
     assert scheduler.held() == 0 and scheduler.queued() == 1  # the old one waits on disk, not in memory
     assert scheduler.oldestAge() == 6_001.0  # arrived at 4,000: known from the scan, not the active set
+
+
+# -- a store shared by several relays (the postgres store's claims) ------
+
+
+def sharedNodes(pgcluster, tmp_path, answers):
+    """
+    Two relays, a and b, on one PostgreSQL schema: a store, a scheduler and
+    a backend each, one clock.  The stores answer inline; leases last 60 s
+    of the database's time (a test ends them in SQL).
+    """
+    import pytest
+
+    pytest.importorskip("psycopg")
+    from relay.plugin import PluginContext
+    from relay.plugins.postgres import postgres
+    from relay.testing.queuestore import resolve
+
+    dsn = pgcluster.createSchema()
+    clock = Clock()
+    clock.advance(1000)
+    nodes = {}
+    for name in ("a", "b"):
+        context = PluginContext(reactor=clock, hostname=name, postmaster="p@h", state_dir=tmp_path)
+        store = postgres.build({"path": str(tmp_path / name), "dsn": dsn, "node": name, "lease": "60s"}, context)
+        resolve(store.recover())
+        backend = ScriptedBackend({address: list(statuses) for address, statuses in answers.items()})
+        router = Router(lambda domain: "local", {"local": backend})
+        scheduler = Scheduler(store, router, clock, (60.0,), 86400.0, jitter=0.0, claimWaits=(1.0, 1.0))
+        nodes[name] = (store, backend, scheduler)
+    return dsn, clock, nodes
+
+
+def expireLeases(dsn):
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE messages SET lease_until = now() - interval '1 second'")
+
+
+def test_shared_store_two_schedulers_deliver_each_message_once(pgcluster, tmp_path):
+    """
+    Both nodes hold the same messages in memory (a's leases ended, as if a
+    had restarted); a's attempts are in flight when b's fall due: b's claims
+    find a's leases and b forgets them; once a has delivered, the messages
+    are gone and nothing goes twice.
+    """
+    answers = {f"r{i}@x.example": [OK] for i in range(6)}
+    dsn, clock, nodes = sharedNodes(pgcluster, tmp_path, answers)
+    (storeA, backendA, a), (storeB, backendB, b) = nodes["a"], nodes["b"]
+    queued = [queue(storeA, clock, f"r{i}@x.example") for i in range(6)]
+    expireLeases(dsn)
+    backendA.hold = Deferred()
+    a.recovered(None)
+    clock.advance(1)  # a scans, loads and attempts all six (spread over 0.03 s): held by its backend
+    b.recovered(None)
+    clock.advance(1)  # b's scan: a holds the leases, so b sees none of them
+    assert b.held() == 0 and a.inFlight() == 6
+    # b learns of them another way (as if its scan ran before a's claims): its claims find a's leases.
+    for envelope in queued:
+        b.enqueue(envelope)
+    clock.advance(1)
+    assert backendB.calls == [] and b.held() == 0
+    backendA.hold.callback(None)
+    clock.advance(61)
+    b._scan()
+    clock.advance(61)
+    assert sorted(call[0] for call in backendA.calls) == sorted(e.queue_id for e in queued)
+    assert backendB.calls == []
+    assert pgcluster and storeA.pool  # both stores still open
+    from relay.testing.queuestore import resolve
+
+    assert resolve(storeB.scan(1e12, 100, ())).total == 0
+
+
+def test_shared_store_a_dead_nodes_messages_are_delivered_by_another(pgcluster, tmp_path):
+    """a received two messages and died before attempting them: once their leases expire, b's scan takes them."""
+    dsn, clock, nodes = sharedNodes(pgcluster, tmp_path, {"r@x.example": [OK, OK]})
+    (storeA, _, _), (_, backendB, b) = nodes["a"], nodes["b"]
+    queued = [queue(storeA, clock, "r@x.example") for _ in range(2)]
+    b.recovered(None)
+    clock.advance(0)
+    assert backendB.calls == []  # born leased by a
+    expireLeases(dsn)
+    clock.advance(b.rescanInterval)
+    assert sorted(call[0] for call in backendB.calls) == sorted(e.queue_id for e in queued)
+    assert [call[2] for call in backendB.calls] == [b"Subject: x\r\n\r\nbody\r\n"] * 2  # data fetched by b
+
+
+def test_shared_store_the_stored_state_wins_over_memory(pgcluster, tmp_path):
+    """
+    b holds a message in memory, due now; a held it meanwhile (an operator
+    on a): b's attempt claims it, finds it held and lets it go.  Released on
+    a and deferred there, b's stale copy is not attempted before the stored
+    next attempt.
+    """
+    from relay.testing.queuestore import resolve
+
+    dsn, clock, nodes = sharedNodes(pgcluster, tmp_path, {"r@x.example": [LATER, OK]})
+    (storeA, backendA, a), (storeB, backendB, b) = nodes["a"], nodes["b"]
+    a.recovered(0)
+    b.recovered(0)
+    envelope = queue(storeA, clock, "r@x.example")
+    b.enqueue(envelope.copy())  # b's copy, due now, not yet attempted
+    results = []
+    Deferred.fromCoroutine(a.holdMessage(envelope.queue_id)).addBoth(results.append)
+    assert results == [True]
+    clock.advance(0)
+    assert backendB.calls == [] and b.held() == 0  # held: b forgot it
+    assert resolve(storeB.load(envelope.queue_id)).extra == {"held": True}
+    # Released and attempted on a (deferred 60 s); b gets a stale copy due now.
+    Deferred.fromCoroutine(a.releaseMessage(envelope.queue_id)).addBoth(results.append)
+    clock.advance(0)
+    assert len(backendA.calls) == 1
+    b.enqueue(envelope.copy())
+    clock.advance(1)
+    assert backendB.calls == []  # the stored next attempt is 59 s away
+    assert b.held() == 1  # kept in memory, due then
+    clock.advance(60)
+    assert len(backendA.calls) + len(backendB.calls) == 2
+    assert resolve(storeA.scan(1e12, 10, ())).total == 0
+
+
+def test_shared_store_operator_waits_for_another_nodes_attempt_then_names_it(pgcluster, tmp_path):
+    """
+    An operator's hold on a, while b delivers the message: a waits (its
+    claimWaits), then refuses naming b; once b is done, a's delete works,
+    and a's listing shows the whole cluster's queue meanwhile.
+    """
+    from relay.queue.scheduler import OperationRefused, UnknownMessage
+
+    dsn, clock, nodes = sharedNodes(pgcluster, tmp_path, {"r@x.example": [LATER], "s@x.example": [OK]})
+    (_, _, a), (storeB, backendB, b) = nodes["a"], nodes["b"]
+    a.recovered(0)
+    b.recovered(0)
+    envelope = queue(storeB, clock, "r@x.example")
+    backendB.hold = Deferred()
+    b.enqueue(envelope)
+    clock.advance(0)
+    assert b.inFlight() == 1
+    listed = []
+    Deferred.fromCoroutine(a.listQueue(listed.append)).addBoth(listed.append)
+    assert [e.queue_id for e in listed[:-1]] == [envelope.queue_id] and listed[-1] == 1
+    results = []
+    Deferred.fromCoroutine(a.holdMessage(envelope.queue_id)).addBoth(results.append)
+    clock.advance(1)
+    assert results == []  # waiting
+    clock.advance(1)
+    (failure,) = results
+    assert failure.check(OperationRefused) and "node b is delivering it now" in str(failure.value)
+    backendB.hold.callback(None)  # b's attempt ends: deferred, stored, lease ended
+    results = []
+    Deferred.fromCoroutine(a.deleteMessage(envelope.queue_id)).addBoth(results.append)
+    assert results == [None]
+    Deferred.fromCoroutine(a.deleteMessage(envelope.queue_id)).addBoth(results.append)
+    assert results[1].check(UnknownMessage)
+    clock.advance(120)
+    assert len(backendB.calls) == 1  # b's copy was forgotten at its claim: never attempted again

@@ -36,6 +36,16 @@ is full waits, out of the heap, until an attempt there has its answers.  The
 slot is given back then, not once the outcome is stored: storing is the
 queue's work, not the destination's, and a slot held through the store's
 next batch of fsyncs would leave the next hop idle for it.
+
+A store shared by several relays (the postgres store) has the optional
+C{claim}: any node may hold a message in memory, but it attempts or changes
+one only once its claim succeeds.  The claim gives the envelope as stored,
+which wins over the copy in memory (another node may have attempted, held or
+flushed it since): a message another live node holds, or that is gone, leaves
+memory; one held or due later is not attempted now.  Operators' commands claim
+too, waiting a little for another node's attempt, and the listing comes from
+the store's C{listing} (the whole cluster's queue).  Stores without C{claim}
+(filesystem, memory) are used exactly as before.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ from relay.bounce import Kind, buildReport, recipientsToNotify
 from relay.delivery.router import Router
 from relay.envelope import DeliveryResult, Envelope, QueueScan, Recipient, RecipientState, Status
 from relay.logs import logEvent
+from relay.queue.memory import dueTime
 
 NO_ROUTE = Status(451, "4.3.5", "No route for recipient domain")
 # A report (from the null sender) is never bounced, so retrying one whose
@@ -134,6 +145,7 @@ class Scheduler(Service):
         storeRetry: tuple[float, float] = (5.0, 300.0),
         recoveryRate: float = 200.0,
         recoverySpread: float = 60.0,
+        claimWaits: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
     ) -> None:
         """
         @param activeLimit: envelopes held in memory at most.
@@ -147,6 +159,9 @@ class Scheduler(Service):
             start-up are spread over (their number / this) seconds...
         @param recoverySpread: ...at most this many, so that a restart with a
             large backlog is not a thundering herd.
+        @param claimWaits: with a shared store, the pauses before an
+            operator's command tries again to claim a message another node is
+            delivering; after the last, the command is refused naming it.
         """
         self.store = store
         self.router = router
@@ -169,6 +184,8 @@ class Scheduler(Service):
         self.storeRetry = storeRetry
         self.recoveryRate = recoveryRate
         self.recoverySpread = recoverySpread
+        self.claimWaits = tuple(claimWaits)
+        self._claimed: set[str] = set()  # claimed through the store by an operator's command
         self._busy: Counter[tuple[str, str]] = Counter()
         self._holding: dict[str, set[tuple[str, str]]] = {}  # attempts in flight, until stored
         self._slots: dict[str, set[tuple[str, str]]] = {}  # destination slots taken, until answered
@@ -179,6 +196,7 @@ class Scheduler(Service):
         self._envelopes: dict[str, Envelope] = {}  # the active set
         self._active: set[str] = set()  # being attempted (or stored) now
         self._unsaved: dict[str, int] = {}  # queue id -> store failures in a row
+        self._unclaimable: dict[str, int] = {}  # queue id -> claims failed in a row (shared stores)
         self._timer: Any = None
         self._running = 0
         self._stopping = False
@@ -294,6 +312,7 @@ class Scheduler(Service):
         self._envelopes.pop(queueID, None)
         self._scheduled.pop(queueID, None)
         self._unsaved.pop(queueID, None)
+        self._unclaimable.pop(queueID, None)
         if removed:
             self._stored -= 1
             if self._scanning:
@@ -585,7 +604,64 @@ class Scheduler(Service):
 
     # -- one attempt -----------------------------------------------------
 
+    async def _claimForAttempt(self, envelope: Envelope) -> Envelope | None:
+        """
+        With a shared store: lease the message before attempting it.  The
+        envelope as stored, to attempt now, or C{None} (not now: another node
+        holds it, it is gone, held, due later, or the claim failed).
+        """
+        queueID = envelope.queue_id
+        try:
+            stored = await maybeDeferred(self.store.claim, queueID)
+        except Exception as e:
+            failures = self._unclaimable.get(queueID, 0) + 1
+            self._unclaimable[queueID] = failures
+            delay = self._storeDelay(failures)
+            self.log.warn(
+                "could not claim {queue_id}: {error}; trying again in {delay:.0f}s",
+                queue_id=queueID,
+                error=e,
+                delay=delay,
+            )
+            self._storeFailed("claim")
+            if queueID in self._envelopes and not self._stopping:
+                self._push(queueID, self.clock.seconds() + delay)
+            return None
+        self._unclaimable.pop(queueID, None)
+        if stored is None:
+            # Another live node holds it (its scan took it), or it is done and gone.
+            if queueID in self._envelopes:
+                self._forget(queueID, removed=False)
+            return None
+        known = queueID in self._envelopes
+        if known:
+            self._envelopes[queueID] = stored
+        now = self.clock.seconds()
+        due = dueTime(stored)
+        if stored.pending() and (isHeld(stored) or due > now):
+            # Changed by another node since this one loaded it: its stored state counts.
+            self._unclaim(queueID)
+            if known and not isHeld(stored) and due <= now + self.horizon and not self._stopping:
+                self._push(queueID, due)
+            elif known:
+                self._forget(queueID, removed=False)
+                if not isHeld(stored):
+                    self._noteDisk(due)
+            return None
+        return stored
+
+    def _unclaim(self, queueID: str) -> None:
+        unclaim = getattr(self.store, "unclaim", None)
+        if unclaim is not None:
+            d = maybeDeferred(unclaim, queueID)
+            d.addErrback(lambda f: self.log.warn("could not end the claim on {queue_id}: {e}", queue_id=queueID, e=f))
+
     async def _attempt(self, envelope: Envelope) -> None:
+        if getattr(self.store, "claim", None) is not None:
+            claimed = await self._claimForAttempt(envelope)
+            if claimed is None:
+                return
+            envelope = claimed
         groups, unrouted = self.router.group(envelope.pending())
         noRoute = NO_ROUTE_FOR_REPORT if envelope.sender == "" else NO_ROUTE
         results: list[tuple[Recipient, Status, str | None, str | None]] = [(r, noRoute, None, None) for r in unrouted]
@@ -755,7 +831,11 @@ class Scheduler(Service):
         reader.  Loads a few messages at a time, so memory stays bounded by
         C{limit} queue ids.  Returns the number of messages in the store.
         """
-        scan = await maybeDeferred(self.store.scan, EVERYTHING, limit, ())
+        listing = getattr(self.store, "listing", None)  # a shared store: the whole cluster's queue
+        if listing is not None:
+            scan = await maybeDeferred(listing, limit)
+        else:
+            scan = await maybeDeferred(self.store.scan, EVERYTHING, limit, ())
         ids = [queueID for _, queueID in scan.due]
         for start in range(0, len(ids), LOADS_IN_FLIGHT):
             batch = ids[start : start + LOADS_IN_FLIGHT]
@@ -805,13 +885,52 @@ class Scheduler(Service):
                 waiting: Deferred[None] = Deferred()
                 self._attempted.setdefault(queueID, []).append(waiting)
                 await waiting
+            if getattr(self.store, "claim", None) is not None:
+                return await self._claimShared(queueID)
             return await self.find(queueID)
         except BaseException:
             self._operating.discard(queueID)
             raise
 
+    async def _claimShared(self, queueID: str) -> Envelope:
+        """
+        An operator's claim through a shared store: the stored state, under
+        this node's lease.  Another node delivering the message now is waited
+        for (L{claimWaits}), then named in the refusal.
+        """
+        for attempt in range(len(self.claimWaits) + 1):
+            try:
+                stored = await maybeDeferred(self.store.claim, queueID)
+            except Exception as e:
+                self._storeFailed("claim")
+                raise OperationRefused(f"{queueID}: could not claim it: {e}") from None
+            if stored is not None:
+                self._claimed.add(queueID)
+                if queueID in self._envelopes:
+                    self._envelopes[queueID] = stored
+                return stored
+            try:
+                await maybeDeferred(self.store.load, queueID)
+            except FileNotFoundError:
+                if queueID in self._envelopes:
+                    self._forget(queueID, removed=True)
+                raise UnknownMessage(queueID) from None
+            except ValueError as e:
+                raise OperationRefused(f"{queueID}: {e}") from None
+            if attempt < len(self.claimWaits):
+                pause: Deferred[None] = Deferred()
+                self.clock.callLater(self.claimWaits[attempt], pause.callback, None)
+                await pause
+        owner = getattr(self.store, "leaseOwner", None)
+        holder = await maybeDeferred(owner, queueID) if owner is not None else None
+        raise OperationRefused(f"{queueID}: node {holder or 'another node'} is delivering it now; try again")
+
     def _release(self, queueID: str) -> None:
         self._operating.discard(queueID)
+        if queueID in self._claimed:
+            # Before anything of this node claims it again (an attempt pushed below runs at a later turn).
+            self._claimed.discard(queueID)
+            self._unclaim(queueID)
         if queueID in self._envelopes and queueID not in self._scheduled and queueID not in self._active:
             self._push(queueID, self.clock.seconds())
         if self._scanning:
@@ -884,7 +1003,7 @@ class Scheduler(Service):
 
     async def _due(self, envelope: Envelope) -> None:
         now = self.clock.seconds()
-        if envelope.queue_id in self._envelopes:
+        if envelope.queue_id in self._envelopes and getattr(self.store, "claim", None) is None:
             self._push(envelope.queue_id, now)  # in memory: due now; the store learns at the attempt
             return
         changed = envelope.copy()
@@ -907,8 +1026,13 @@ class Scheduler(Service):
                 return False
             return domain is None or any(matchesDomain(r.address, domain) for r in envelope.pending())
 
+        shared = getattr(self.store, "claim", None) is not None
         for queueID, envelope in list(self._envelopes.items()):
             if queueID not in self._active and queueID not in self._operating and wanted(envelope):
+                if shared:
+                    # The stored due time is what an attempt's claim goes by: store it as now.
+                    count += await self._flushShared(queueID, wanted)
+                    continue
                 self._push(queueID, now)
                 count += 1
         scan = await maybeDeferred(self.store.scan, HELD_UNTIL - 1, LIST_LIMIT, frozenset(self._envelopes))
@@ -932,6 +1056,22 @@ class Scheduler(Service):
             finally:
                 self._release(queueID)
         return count
+
+    async def _flushShared(self, queueID: str, wanted: Callable[[Envelope], bool]) -> int:
+        try:
+            envelope = await self._claim(queueID)
+        except (UnknownMessage, OperationRefused):
+            return 0
+        try:
+            if not wanted(envelope):
+                return 0
+            await self._due(envelope)
+            return 1
+        except OperationRefused as e:
+            self.log.warn("flush: {error}", error=str(e))
+            return 0
+        finally:
+            self._release(queueID)
 
     def etrn(self, domain: str) -> Deferred[int]:
         """ETRN (RFC 1985): the mail queued for C{domain} is due now; fires with how many messages."""
