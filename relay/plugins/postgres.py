@@ -91,7 +91,7 @@ class PostgresQueueStoreFactory:
             configure=configure,
             check=ConnectionPool.check_connection,
             kwargs={"application_name": f"relay {node}"[:63], "connect_timeout": 10},
-            name=f"relay-queue-{node}",
+            name=f"pg-queue-{node}",
         )
         return PostgresQueueStore(pool, Path(options["path"]), node, lease, context.blocking, context.reactor)
 
