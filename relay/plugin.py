@@ -58,6 +58,9 @@ class PluginContext:
         the interface as configured (C{""}, C{"0.0.0.0"} or C{"::"} for every
         local address): a delivery backend must not connect back to one of
         them, or mail loops.
+    @ivar submit: C{await submit(sender, recipients, data)} queues a message
+        of the relay's own (a TLS report) as the scheduler queues a DSN; it
+        works once the service is built.  C{None} in a context built by hand.
     @ivar delivery_timeout: C{[queue] delivery_timeout}, the scheduler's bound
         on one call of a backend's C{deliver}; a backend that has deadlines of
         its own keeps them shorter, so that its precise reason is the one
@@ -73,6 +76,7 @@ class PluginContext:
     listening: tuple[tuple[str, int], ...] = ()
     delivery_timeout: float = 600.0
     dns: Callable[..., Deferred[Any]] | None = None
+    submit: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if self.dns is None:

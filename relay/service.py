@@ -527,6 +527,10 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
     executors = Executors(reactor, settings.threads)
     listening = _listening(settings, reactor)
 
+    from relay.delivery.tlsrpt import QueueSubmitter
+
+    submitter = QueueSubmitter()  # for the mx backend's TLS reports; attached once the queue exists
+
     def context(section: str, kind: str) -> plugin.PluginContext:
         return plugin.PluginContext(
             reactor=reactor,
@@ -538,6 +542,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
             listening=listening,
             delivery_timeout=settings.queue.delivery_timeout,
             dns=executors.runner("dns"),
+            submit=submitter.submit,
         )
 
     # Durably (each parent fsynced): a power cut in the first run must not take back the queue.
@@ -587,6 +592,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         attemptTimeout=queue.delivery_timeout,
         metrics=metrics,
     )
+    submitter.attach(store, scheduler, reactor)
     metrics.watchScheduler(scheduler)
     metrics.watchStore(store)
     top = RelayService(

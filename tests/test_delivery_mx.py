@@ -263,3 +263,21 @@ def test_options_max_mx_and_the_deadline_from_the_context(tmp_path):
         with pytest.raises(OptionError) as info:
             fromOptions({"max_mx": bad}, context)
         assert info.value.key == "max_mx"
+
+
+def test_options_mta_sts_and_tls_reports(tmp_path):
+    context = PluginContext(
+        MemoryReactorClock(), "relay.test", "postmaster@relay.test", tmp_path, section="delivery:out"
+    )
+    default = fromOptions({}, context)
+    assert default.sts is not None and default.reports is None  # MTA-STS on, reports off, by default
+    assert default.sts.cache.directory == tmp_path / "mta-sts" / "delivery_out"
+    assert default.sts.fetcher.port is None  # 443, from the URL
+    off = fromOptions({"mta_sts": "no", "tls_reports": "yes", "mta_sts_port": "8443"}, context)
+    assert off.sts is None and off.reports is not None
+    assert off.reports.directory == tmp_path / "tls-reports" / "delivery_out"
+    off.stop()
+    for key, bad in (("mta_sts", "maybe"), ("tls_reports", "1"), ("mta_sts_port", "0")):
+        with pytest.raises(OptionError) as info:
+            fromOptions({key: bad}, context)
+        assert info.value.key == key

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import dns.exception
+import dns.flags
 import dns.rdatatype
 import dns.resolver
 from twisted.internet.defer import Deferred, gatherResults
@@ -41,6 +42,7 @@ from relay.delivery import remote
 from relay.envelope import DeliveryResult, Envelope, Recipient, Status, StatusError
 from relay.errors import OptionError
 from relay.interfaces import IDeliveryBackend
+from relay.logs import logEvent
 from relay.plugin import choiceOption, portOption
 from relay.smtp.client import ClientSettings, LoopError, SessionError, TLSPolicy
 from relay.smtp.tls import TLSError, clientOptions
@@ -83,6 +85,7 @@ class Resolver:
         clock: Any,
         nameservers: Sequence[tuple[str, int]] = (),
         timeout: float = 10.0,
+        dnssec: bool = False,
     ) -> None:
         self._blocking = blocking
         self._clock = clock
@@ -91,29 +94,71 @@ class Resolver:
             resolver.nameservers = [host for host, _ in nameservers]
             resolver.nameserver_ports = {host: port for host, port in nameservers}
         resolver.lifetime = timeout
+        if dnssec:
+            # Ask for DNSSEC (DO) and for the validating resolver's verdict (AD, RFC 6840 5.7).
+            resolver.use_edns(0, dns.flags.DO, 1232)
+            resolver.flags = dns.flags.RD | dns.flags.AD
+        self.dnssec = dnssec
         self._resolver = resolver
-        self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._cache: dict[tuple[str, str], tuple[float, Any, bool]] = {}
 
-    def _query(self, name: str, rdtype: str) -> tuple[float, Any]:
-        """Worker thread: (ttl, rrset or None for no data); raises for NXDOMAIN and failures."""
+    def _query(self, name: str, rdtype: str) -> tuple[float, Any, bool]:
+        """
+        Worker thread: (ttl, rrset or None for no data, authenticated); raises
+        for NXDOMAIN and failures.  The AD bit is believed only with
+        C{dnssec}: the operator then says the nameservers validate and the
+        path to them is trusted, as Postfix's smtp_dns_support_level = dnssec.
+        """
         answer = self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+        authenticated = self.dnssec and bool(answer.response.flags & dns.flags.AD)
         if answer.rrset is not None:
-            return float(answer.rrset.ttl), answer.rrset
+            return float(answer.rrset.ttl), answer.rrset, authenticated
         # No data: cached as the zone's SOA says (RFC 2308), else five minutes.
         for rrset in answer.response.authority:
             if rrset.rdtype == dns.rdatatype.SOA:
-                return float(min(rrset.ttl, rrset[0].minimum)), None
-        return 300.0, None
+                return float(min(rrset.ttl, rrset[0].minimum)), None, authenticated
+        return 300.0, None, authenticated
 
-    async def lookup(self, name: str, rdtype: str) -> Any:
+    async def lookupSecure(self, name: str, rdtype: str) -> tuple[Any, bool]:
+        """
+        The rrset (C{None}: no data) and whether the answer was authenticated
+        (the AD bit, trusted only with C{dnssec}), cached for the TTL.
+        """
         key = (name, rdtype)
         cached = self._cache.get(key)
         now = self._clock.seconds()
         if cached is not None and cached[0] > now:
-            return cached[1]
-        ttl, rrset = await self._blocking(self._query, name, rdtype)
-        self._cache[key] = (now + ttl, rrset)
-        return rrset
+            return cached[1], cached[2]
+        ttl, rrset, authenticated = await self._blocking(self._query, name, rdtype)
+        self._cache[key] = (now + ttl, rrset, authenticated)
+        return rrset, authenticated
+
+    async def lookup(self, name: str, rdtype: str) -> Any:
+        return (await self.lookupSecure(name, rdtype))[0]
+
+    def authenticated(self, name: str, rdtype: str) -> bool:
+        """Whether the cached answer for C{name} (as given to C{exchangers}, or a host) was authenticated."""
+        try:
+            ascii = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return False
+        cached = self._cache.get((ascii, rdtype))
+        return cached is not None and cached[2]
+
+    async def txt(self, name: str) -> list[str]:
+        """
+        The TXT records at C{name}, each one string (its character-strings
+        joined, RFC 7208 3.3 style); C{[]} for no such name or no data.
+
+        @raise dns.exception.DNSException: the lookup failed.
+        """
+        try:
+            rrset = await self.lookup(name, "TXT")
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        if rrset is None:
+            return []
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in rrset]
 
     async def exchangers(self, domain: str) -> list[Exchanger]:
         """
@@ -235,6 +280,60 @@ class _Progress:
     last: Status | None = None
 
 
+# RFC 8460 result types this backend reports (dane.py has the DANE ones).
+STARTTLS_NOT_SUPPORTED = "starttls-not-supported"
+CERTIFICATE_HOST_MISMATCH = "certificate-host-mismatch"
+CERTIFICATE_EXPIRED = "certificate-expired"
+CERTIFICATE_NOT_TRUSTED = "certificate-not-trusted"
+VALIDATION_FAILURE = "validation-failure"
+STS_POLICY_FETCH_ERROR = "sts-policy-fetch-error"
+STS_POLICY_INVALID = "sts-policy-invalid"
+
+
+def tlsFailure(error: SessionError) -> str | None:
+    """
+    The RFC 8460 result type of a session that failed for want of TLS or of
+    a valid certificate; C{None} when it failed for another reason.
+    """
+    result = getattr(error, "result", None)
+    if result is not None:
+        return result
+    if error.status.enhanced == "4.7.4":
+        return STARTTLS_NOT_SUPPORTED
+    if not error.tlsFailed:
+        return None
+    text = error.status.text.lower()
+    if "expired" in text or "not yet valid" in text:
+        return CERTIFICATE_EXPIRED
+    if "hostname" in text or "mismatch" in text or "verificationerror" in text or "doesn't match" in text:
+        return CERTIFICATE_HOST_MISMATCH
+    if "certificate verify failed" in text or "self-signed" in text or "unable to get" in text:
+        return CERTIFICATE_NOT_TRUSTED
+    return VALIDATION_FAILURE
+
+
+@dataclass
+class _Plan:
+    """
+    The TLS policy of one domain's attempt: C{"mta-sts"} (enforce or
+    testing, with C{policy}) or C{""} for none; C{fetchError} when a policy
+    could not be fetched (TLS-RPT counts it).
+    """
+
+    kind: str = ""
+    policy: Any = None
+    fetchError: str | None = None
+    fetchInvalid: bool = False
+
+    @property
+    def enforce(self) -> bool:
+        return self.kind == "mta-sts" and self.policy.mode == "enforce"
+
+    @property
+    def testing(self) -> bool:
+        return self.kind == "mta-sts" and self.policy.mode == "testing"
+
+
 @implementer(IDeliveryBackend)
 class MXBackend:
     log = Logger()
@@ -250,7 +349,15 @@ class MXBackend:
         maxMX: int = MAX_MX,
         myself: Myself | None = None,
         deadline: float = DEADLINE_SHARE * 600.0,
+        sts: Any = None,
+        reports: Any = None,
     ) -> None:
+        """
+        @param sts: an L{relay.delivery.mtasts.STS} to honour MTA-STS
+            policies, or C{None}.
+        @param reports: a L{relay.delivery.tlsrpt.TLSReports} counting
+            sessions for TLS reporting, or C{None}.
+        """
         self.reactor = reactor
         self.helo = helo
         self.resolver = resolver
@@ -260,8 +367,10 @@ class MXBackend:
         self.maxMX = maxMX
         self.myself = myself if myself is not None else Myself(())
         self.deadline = deadline
+        self.sts = sts
+        self.reports = reports
         self.pool = remote.SessionPool(reactor)
-        self._settings: dict[str, ClientSettings] = {}
+        self._settings: dict[tuple[str, bool], ClientSettings] = {}
 
     def deliver(self, envelope: Envelope, recipients: Sequence[Recipient], openData: Any) -> Any:
         byDomain: dict[str, list[Recipient]] = {}
@@ -298,10 +407,15 @@ class MXBackend:
         d.addTimeout(self.deadline, self.reactor, onTimeoutCancel=expired)
         return d
 
-    def settingsFor(self, host: str) -> ClientSettings:
-        settings = self._settings.get(host)
+    def settingsFor(self, host: str, verify: bool = False) -> ClientSettings:
+        """
+        The client settings for mail exchanger C{host}: as the C{tls} key
+        says, or with C{verify} (an MTA-STS policy) STARTTLS with a
+        certificate valid for C{host}.
+        """
+        settings = self._settings.get((host, verify))
         if settings is None:
-            if self.tls == "verify":
+            if verify or self.tls == "verify":
                 settings = ClientSettings(
                     self.helo, self.reactor, TLSPolicy.VERIFY, clientOptions(host, True, self.caFile)
                 )
@@ -310,7 +424,7 @@ class MXBackend:
                 settings = ClientSettings(self.helo, self.reactor, policy, clientOptions(host, verify=False))
             if len(self._settings) > 10_000:
                 self._settings.clear()
-            self._settings[host] = settings
+            self._settings[(host, verify)] = settings
         return settings
 
     async def hops(self, domain: str, exchangers: Sequence[Exchanger]) -> list[tuple[Exchanger, str]]:
@@ -350,11 +464,72 @@ class MXBackend:
             found += [(exchanger, address) for address in addresses]
         return found[: self.maxMX]
 
+    async def _plan(self, domain: str) -> _Plan:
+        """The MTA-STS policy of C{domain} (an A-label name), when the backend honours them."""
+        if self.sts is None:
+            return _Plan()
+        found = await self.sts.policyFor(domain)
+        plan = _Plan(fetchError=found.fetchError, fetchInvalid=found.invalid)
+        if found.policy is not None and found.policy.mode in ("enforce", "testing"):
+            plan.kind, plan.policy = "mta-sts", found.policy
+        if plan.fetchError is not None and self.reports is not None:
+            result = STS_POLICY_INVALID if plan.fetchInvalid else STS_POLICY_FETCH_ERROR
+            self.reports.failure(domain, self._policyRef(plan), result, detail=plan.fetchError)
+        return plan
+
+    def _policyRef(self, plan: _Plan) -> Any:
+        from relay.delivery.tlsrpt import PolicyRef
+
+        if plan.kind == "mta-sts":
+            return PolicyRef("sts", tuple(plan.policy.lines()), tuple(plan.policy.mx))
+        return PolicyRef("no-policy-found")
+
+    def _logTLS(
+        self, domain: str, host: str, plan: _Plan, outcome: Any = None, failure: str | None = None, peer: Any = None
+    ) -> None:
+        """One line per session that ended a domain's attempt: which TLS policy applied, and what TLS it got."""
+        tls = outcome is not None and outcome.tls
+        verified = outcome is not None and outcome.verified
+        if plan.kind:
+            policy = plan.kind
+        else:
+            policy = "opportunistic" if tls else "none"
+        fields = {
+            "domain": domain,
+            "mx": host,
+            "relay": peer if peer is not None else getattr(outcome, "peer", None),
+            "tls_policy": policy,
+            "sts_mode": plan.policy.mode if plan.kind == "mta-sts" else None,
+            "tls": tls,
+            "tls_verified": verified,
+            "tls_failure": failure,
+        }
+        logEvent(self.log, "tls", fields)
+
     async def _domain(
         self, domain: str, envelope: Envelope, recipients: list[Recipient], openData: Any, progress: _Progress
     ) -> list[DeliveryResult]:
         try:
             exchangers = await self.resolver.exchangers(domain)
+            ascii = domain.encode("idna").decode("ascii")  # exchangers() has checked it encodes
+            progress.step = "looking up the MTA-STS policy"
+            plan = await self._plan(ascii)
+            if plan.enforce:
+                allowed = [e for e in exchangers if plan.policy.allows(e.host)]
+                for each in exchangers:
+                    if each not in allowed:
+                        self.log.info(
+                            "{domain}: MX {host} is not in the MTA-STS policy {id}; skipped",
+                            domain=domain,
+                            host=each.host,
+                            id=plan.policy.id,
+                        )
+                if not allowed:
+                    if self.reports is not None:
+                        self.reports.failure(ascii, self._policyRef(plan), VALIDATION_FAILURE, detail="no MX matches")
+                    text = f"no mail exchanger of {domain} matches its MTA-STS policy"
+                    return remote.everyone(recipients, Status(451, "4.7.5", text))
+                exchangers = allowed
             progress.step = "looking up the addresses of its mail exchangers"
             hops = await self.hops(domain, exchangers)
         except DestinationError as e:
@@ -366,10 +541,31 @@ class MXBackend:
             hop = remote.Hop(exchanger.host, address, self.port)
             progress.tried += 1
             progress.step = f"delivering to {exchanger.host}[{address}]:{self.port}"
+            verify = plan.enforce or plan.testing
+            if plan.testing and not plan.policy.allows(exchanger.host):
+                verify = False
+                self._report(ascii, plan, exchanger.host, address, VALIDATION_FAILURE, "MX not in the policy")
             try:
-                outcome = await remote.deliverTo(
-                    self.reactor, hop, self.settingsFor(exchanger.host), message, pool=self.pool
-                )
+                try:
+                    outcome = await remote.deliverTo(
+                        self.reactor, hop, self.settingsFor(exchanger.host, verify), message, pool=self.pool
+                    )
+                except SessionError as e:
+                    failure = tlsFailure(e) if verify else None
+                    if failure is None:
+                        raise
+                    self._report(ascii, plan, exchanger.host, address, failure, e.status.text)
+                    self._logTLS(domain, exchanger.host, plan, failure=failure, peer=remote.failedAt(e))
+                    if plan.enforce:
+                        # Never in clear, never to an impostor: the next MX may do better (RFC 8461 5).
+                        status = Status(451, "4.7.5", f"MTA-STS policy of {domain}: {exchanger.host}: {e.status.text}")
+                        self.log.info("{domain}: {status}", domain=domain, status=str(status))
+                        last = progress.last = status
+                        continue
+                    # testing: reported; delivered as without a policy.
+                    outcome = await remote.deliverTo(
+                        self.reactor, hop, self.settingsFor(exchanger.host), message, pool=self.pool
+                    )
             except remote.Unreachable as e:
                 self.log.info("{domain}: {status}; trying the next address", domain=domain, status=str(e.status))
                 last = progress.last = e.status
@@ -386,11 +582,25 @@ class MXBackend:
             except SessionError as e:
                 self.log.info("{domain} via {host}: {status}", domain=domain, host=exchanger.host, status=str(e.status))
                 return remote.everyone(recipients, e.status, remote.failedAt(e))
+            if verify and outcome.verified:
+                self._report(ascii, plan, exchanger.host, address, None)
+            self._logTLS(domain, exchanger.host, plan, outcome)
             return remote.results(recipients, outcome)
         return remote.everyone(recipients, last)
 
+    def _report(self, domain: str, plan: _Plan, host: str, address: str, result: str | None, detail: str = "") -> None:
+        """One session for TLS reporting: a success (C{result} None) or a failure of that RFC 8460 type."""
+        if self.reports is None or not plan.kind:
+            return
+        if result is None:
+            self.reports.success(domain, self._policyRef(plan))
+        else:
+            self.reports.failure(domain, self._policyRef(plan), result, host, address, detail)
+
     def stop(self) -> None:
         self.pool.close()
+        if self.reports is not None:
+            self.reports.stop()
 
 
 def _nameservers(text: str) -> list[tuple[str, int]]:
@@ -428,10 +638,46 @@ def fromOptions(options: Mapping[str, Any], context: Any) -> MXBackend:
             clientOptions("check.invalid", True, caFile)
         except TLSError as e:
             raise OptionError(e.key, e.message) from None
+    mtaSTS = choiceOption(options, "mta_sts", ("yes", "no")) == "yes"
+    tlsReports = choiceOption(options, "tls_reports", ("no", "yes")) == "yes"
+    stsPort = portOption(options, "mta_sts_port", 443) if "mta_sts_port" in options else None
     # Lookups in the DNS pool when the context has one (a context built by hand may not).
     dns = getattr(context, "dns", None) or context.blocking
     resolver = Resolver(dns, context.reactor, _nameservers(options.get("nameservers", "")))
     listening = getattr(context, "listening", ())
     deadline = DEADLINE_SHARE * getattr(context, "delivery_timeout", 600.0)
     myself = Myself(listening)
-    return MXBackend(context.reactor, context.hostname, resolver, port, tls, caFile, maxMX, myself, deadline)
+    stateDir = Path(getattr(context, "state_dir", "."))
+    section = getattr(context, "section", "") or "mx"
+    sts = None
+    if mtaSTS:
+        from relay.delivery import mtasts
+
+        fetcher = mtasts.Fetcher(
+            context.reactor, lambda host: clientOptions(host, True, caFile), resolver.addresses, stsPort
+        )
+        cache = mtasts.PolicyCache(stateDir / "mta-sts" / _safe(section))
+        sts = mtasts.STS(context.reactor, resolver.txt, fetcher, cache, context.blocking)
+    reports = None
+    if tlsReports:
+        from relay.delivery import tlsrpt
+
+        reports = tlsrpt.TLSReports(
+            context.reactor,
+            stateDir / "tls-reports" / _safe(section),
+            organization=context.hostname,
+            contact=getattr(context, "postmaster", f"postmaster@{context.hostname}"),
+            txt=resolver.txt,
+            submit=getattr(context, "submit", None),
+            post=tlsrpt.Poster(context.reactor, lambda host: clientOptions(host, True, caFile), resolver.addresses),
+            blocking=context.blocking,
+        )
+        reports.start()
+    return MXBackend(
+        context.reactor, context.hostname, resolver, port, tls, caFile, maxMX, myself, deadline, sts, reports
+    )
+
+
+def _safe(section: str) -> str:
+    """A section name as one directory name: C{delivery:internet} becomes C{delivery_internet}."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in section) or "mx"

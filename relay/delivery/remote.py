@@ -149,7 +149,7 @@ async def _reused(pool: SessionPool, key: Any, message: Outgoing) -> Outcome | N
 async def _session(
     reactor: Any, hop: Hop, settings: ClientSettings, message: Outgoing, implicit: Any, pool: SessionPool | None
 ) -> Outcome:
-    key = (hop, settings.tls, settings.username)
+    key = (hop, settings.tls, settings.username, settings.checkPeer)  # a policy check: its own sessions
     if pool is not None:
         outcome = await _reused(pool, key, message)
         if outcome is not None:

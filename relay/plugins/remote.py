@@ -42,9 +42,12 @@ class MXBackendFactory:
     keys = {
         "port": "SMTP port of every mail exchanger (default 25)",
         "tls": "opportunistic (default), required or verify (certificate valid for the MX name)",
-        "ca_file": "PEM file of trusted CAs for verify (default: the system trust store)",
+        "ca_file": "PEM file of trusted CAs for verify, MTA-STS and TLS reports (default: the system trust store)",
         "nameservers": "host:port ... to ask instead of the system resolver",
         "max_mx": "at most this many mail exchanger addresses tried per attempt (default 5, 1 to 100)",
+        "mta_sts": "yes (default): honour MTA-STS policies (RFC 8461), cached under state_dir; no: ignore them",
+        "mta_sts_port": "port of the MTA-STS policy servers (default 443; for tests)",
+        "tls_reports": "yes: send daily TLS reports (RFC 8460) to the domains that ask for them; no (default)",
     }
 
     def build(self, options: Mapping[str, Any], context: Any) -> Any:

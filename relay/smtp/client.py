@@ -151,6 +151,18 @@ class LoopError(SessionError):
     """The server greets with our own name: the mail would come back to us (RFC 5321 5.1's "loops back to myself")."""
 
 
+class TLSPolicyError(SessionError):
+    """
+    The next hop does not meet the destination's TLS policy (MTA-STS, DANE):
+    it is not given the message, another MX may be.  C{result} is the
+    RFC 8460 result type, for TLS reporting.
+    """
+
+    def __init__(self, status: Status, result: str) -> None:
+        super().__init__(status)
+        self.result = result
+
+
 class OutOfStep(SessionError):
     """A reply that does not answer the command it follows: the session can no longer be trusted."""
 
@@ -179,6 +191,8 @@ class Outcome:
     statuses: dict[str, Status] = field(default_factory=dict)
     dsnPassed: bool = False
     peer: str | None = None
+    tls: bool = False  # the session was encrypted (STARTTLS or implicit TLS)
+    verified: bool = False  # ... and the peer was authenticated (VERIFY or checkPeer): MTA-STS, DANE
 
 
 def peerOf(client: Any) -> str | None:
@@ -210,6 +224,28 @@ class ClientSettings:
     dataTimeout: float = DATA_TIMEOUT
     blockTimeout: float = BLOCK_TIMEOUT
     dataEndTimeout: float = DATA_END_TIMEOUT
+    # After STARTTLS and the second EHLO, before anything of the mail is sent:
+    # checkPeer(client) -> whether the peer was authenticated, or raises
+    # TLSPolicyError to refuse it (DANE checks the certificate chain so).
+    checkPeer: Callable[[Any], bool] | None = None
+
+
+def _tlsReason(reason: Failure | None) -> str:
+    """
+    Why a TLS connection went, when TLS said why: OpenSSL's reasons
+    (C{certificate verify failed}, C{certificate has expired}), or
+    service_identity's name mismatch.  MTA-STS and TLS reporting tell the
+    failures apart by it.
+    """
+    value = getattr(reason, "value", None)
+    if value is None:
+        return ""
+    if type(value).__name__ == "VerificationError":  # service_identity, through Twisted's ClientTLSOptions
+        return f": certificate does not match the host name ({_printable(str(value), 200)})"
+    queue = value.args[0] if value.args else None
+    if isinstance(queue, list) and queue and all(isinstance(entry, tuple) for entry in queue):  # OpenSSL.SSL.Error
+        return ": " + _printable("; ".join(str(entry[-1]) for entry in queue if entry), 200)
+    return ""
 
 
 def _temporary(text: str, enhanced: str = "4.4.2") -> Status:
@@ -249,6 +285,7 @@ class SMTPClient(Protocol):
         self._owed = 1  # the greeting
         self.extensions: dict[str, str] = {}
         self.tls = False
+        self.verified = False  # the peer's certificate was checked (VERIFY, or checkPeer said so)
         self.repliesReceived = 0
         self.needsReset = False  # a transaction was left open: RSET before the next
 
@@ -323,7 +360,8 @@ class SMTPClient(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._lost is None:
-            self._lost = Failure(SessionError(_temporary("connection lost", "4.4.2")))
+            why = _tlsReason(reason) if self.tls else ""
+            self._lost = Failure(SessionError(_temporary(f"connection lost{why}", "4.4.2")))
         self._failWaiting()
 
     # -- for deliver() -----------------------------------------------------
@@ -472,6 +510,9 @@ async def openSession(client: SMTPClient) -> None:
                     raise SessionError(
                         _temporary(f"TLS handshake failed: {e.status.text}", "4.7.5"), tlsFailed=True
                     ) from None
+                client.verified = policy is TLSPolicy.VERIFY
+    if settings.checkPeer is not None and client.tls:
+        client.verified = settings.checkPeer(client) or client.verified
     await _auth(client)
 
 
@@ -544,7 +585,9 @@ async def transaction(client: SMTPClient, outgoing: Outgoing) -> Outcome:
         connection went, a wait timed out, a reply was out of step): every
         recipient is to be deferred, and the session must not be reused.
     """
-    outcome = Outcome(dsnPassed="DSN" in client.extensions, peer=peerOf(client))
+    outcome = Outcome(
+        dsnPassed="DSN" in client.extensions, peer=peerOf(client), tls=client.tls, verified=client.verified
+    )
     refusal = _unsendable(client, outgoing)
     if refusal is not None:
         outcome.statuses = {r.address: refusal for r in outgoing.recipients}
