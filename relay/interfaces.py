@@ -1,8 +1,8 @@
 """
 The plugin contract.
 
-Three parts of relay are pluggable: recipient validators, delivery backends and
-queue stores.  Each comes as a pair of interfaces: the component itself, and a
+Four parts of relay are pluggable: recipient validators, content filters,
+delivery backends and queue stores.  Each comes as a pair of interfaces: the component itself, and a
 factory that twisted.plugin discovers and that builds the component from its
 configuration section.  The built-in components are registered exactly like
 third-party ones (see C{relay/plugins/}).
@@ -68,6 +68,59 @@ class IRecipientValidatorFactory(IPluginFactory):
         @param context: a L{relay.plugin.PluginContext}.
         @raise relay.errors.OptionError: a key has a bad value.
         @return: an L{IRecipientValidator}.
+        """
+
+
+class IMessageFilter(Interface):
+    """
+    Judges a whole message once its data is complete, before the reply to
+    end-of-data (a milter's place in Postfix): signs it, scans it, rejects it.
+
+    Filters run one after another in the order of C{[policy] filters}, each
+    seeing the message as the earlier ones left it, and only when at least
+    one is configured (otherwise nothing is spooled or copied).  The server
+    spools the data to an unlinked temporary file under C{state_dir} (bounded
+    by C{max_message_size}), runs the filters, writes the (changed) message
+    into the queue store and commits it, and only then answers 250 (or the
+    verdict's reply).
+
+    A filter that raises, whose Deferred fails, or that has not answered
+    within its section's C{filter_timeout} costs the message a C{451 4.3.0}
+    and a log line with the traceback, or, with C{on_error = accept} in its
+    C{[filter:NAME]} section, is skipped with a log line; the session and the
+    process go on either way.
+    """
+
+    def check(message):
+        """
+        Judge one message.
+
+        @param message: a L{relay.filters.message.FilterMessage}: envelope,
+            client, and the data through C{open()} (a file: read it a block
+            at a time, or in a C{context.blocking} thread; never whole into
+            memory unless bounded) and C{headers()}.
+        @return: a L{relay.filters.verdict.FilterVerdict} (or a Deferred of
+            one): CONTINUE, ACCEPT (no further filter), REJECT (5xx),
+            TEMPFAIL (4xx), DISCARD or HOLD, with header, body and recipient
+            changes applied whatever the decision.
+        """
+
+    def stop():
+        """Close connections and release resources; may return a Deferred."""
+
+
+class IMessageFilterFactory(IPluginFactory):
+    def build(options, context):
+        """
+        Build a filter.
+
+        @param options: mapping of the C{[filter:NAME]} keys other than
+            C{plugin}, C{on_error} and C{filter_timeout} (which the relay
+            handles), all C{str}.
+        @param context: a L{relay.plugin.PluginContext}; C{context.section}
+            is C{filter:NAME}.
+        @raise relay.errors.OptionError: a key has a bad value.
+        @return: an L{IMessageFilter}.
         """
 
 
