@@ -277,7 +277,12 @@ def test_options_mta_sts_and_tls_reports(tmp_path):
     assert off.sts is None and off.reports is not None
     assert off.reports.directory == tmp_path / "tls-reports" / "delivery_out"
     off.stop()
-    for key, bad in (("mta_sts", "maybe"), ("tls_reports", "1"), ("mta_sts_port", "0")):
+    for key, bad in (("mta_sts", "maybe"), ("tls_reports", "1"), ("mta_sts_port", "0"), ("dnssec", "on")):
         with pytest.raises(OptionError) as info:
             fromOptions({key: bad}, context)
         assert info.value.key == key
+    with pytest.raises(OptionError) as info:
+        fromOptions({"dane": "yes"}, context)  # the AD bit is not trusted without dnssec = yes
+    assert info.value.key == "dane" and "dnssec = yes" in info.value.message
+    secure = fromOptions({"dane": "yes", "dnssec": "yes"}, context)
+    assert secure.dane and secure.resolver.dnssec

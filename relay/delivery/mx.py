@@ -26,7 +26,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from relay.errors import OptionError
 from relay.interfaces import IDeliveryBackend
 from relay.logs import logEvent
 from relay.plugin import choiceOption, portOption
-from relay.smtp.client import ClientSettings, LoopError, SessionError, TLSPolicy
+from relay.smtp.client import ClientSettings, LoopError, SessionError, TLSPolicy, TLSPolicyError
 from relay.smtp.tls import TLSError, clientOptions
 
 TLS_MODES = ("opportunistic", "required", "verify")
@@ -324,6 +324,7 @@ class _Plan:
     policy: Any = None
     fetchError: str | None = None
     fetchInvalid: bool = False
+    dane: dict[str, Any] = field(default_factory=dict)  # MX host -> dane.HostPolicy, when kind is "dane"
 
     @property
     def enforce(self) -> bool:
@@ -351,12 +352,15 @@ class MXBackend:
         deadline: float = DEADLINE_SHARE * 600.0,
         sts: Any = None,
         reports: Any = None,
+        dane: bool = False,
     ) -> None:
         """
         @param sts: an L{relay.delivery.mtasts.STS} to honour MTA-STS
             policies, or C{None}.
         @param reports: a L{relay.delivery.tlsrpt.TLSReports} counting
             sessions for TLS reporting, or C{None}.
+        @param dane: honour DANE TLSA records (RFC 7672) when the resolver's
+            answers are authenticated (its C{dnssec}).
         """
         self.reactor = reactor
         self.helo = helo
@@ -369,6 +373,7 @@ class MXBackend:
         self.deadline = deadline
         self.sts = sts
         self.reports = reports
+        self.dane = dane
         self.pool = remote.SessionPool(reactor)
         self._settings: dict[tuple[str, bool], ClientSettings] = {}
 
@@ -464,8 +469,51 @@ class MXBackend:
             found += [(exchanger, address) for address in addresses]
         return found[: self.maxMX]
 
-    async def _plan(self, domain: str) -> _Plan:
-        """The MTA-STS policy of C{domain} (an A-label name), when the backend honours them."""
+    async def _danePlan(self, domain: str, exchangers: Sequence[Exchanger]) -> _Plan | None:
+        """
+        DANE's policy for the first C{maxMX} exchangers, when the MX answer
+        (and each host's addresses) were authenticated: a plan of kind
+        C{"dane"} if any host has usable or failed TLSA lookups, else
+        C{None} and MTA-STS or opportunistic TLS decide (RFC 7672 2.2).
+        """
+        from relay.delivery import dane
+
+        if not self.dane or not self.resolver.authenticated(domain, "MX"):
+            return None
+        hosts: dict[str, Any] = {}
+        for exchanger in exchangers[: self.maxMX]:
+            await self.resolver.addresses(exchanger.host)  # cached: hops() asks again for nothing
+            secure = self.resolver.authenticated(exchanger.host, "A") or self.resolver.authenticated(
+                exchanger.host, "AAAA"
+            )
+            hosts[exchanger.host] = await dane.lookup(self.resolver.lookupSecure, exchanger.host, self.port, secure)
+        if all(policy.mode is dane.Mode.NONE for policy in hosts.values()):
+            return None
+        return _Plan(kind="dane", dane=hosts)
+
+    def _daneSettings(self, host: str, policy: Any) -> ClientSettings:
+        """STARTTLS required, the peer checked against the TLSA records before anything of the mail is sent."""
+        from relay.delivery import dane
+
+        def check(client: Any) -> bool:
+            verdict = dane.checkTransport(policy, client.transport, self.reactor.seconds())
+            if not verdict.ok:
+                raise TLSPolicyError(verdict.status(), verdict.result or VALIDATION_FAILURE)
+            return verdict.verified
+
+        return ClientSettings(
+            self.helo, self.reactor, TLSPolicy.REQUIRED, clientOptions(host, verify=False), checkPeer=check
+        )
+
+    async def _plan(self, domain: str, exchangers: Sequence[Exchanger] = ()) -> _Plan:
+        """
+        The TLS policy of C{domain} (an A-label name): DANE when it applies
+        (it wins over MTA-STS, RFC 8461 2), else MTA-STS when the backend
+        honours it.
+        """
+        danePlan = await self._danePlan(domain, exchangers)
+        if danePlan is not None:
+            return danePlan
         if self.sts is None:
             return _Plan()
         found = await self.sts.policyFor(domain)
@@ -477,9 +525,11 @@ class MXBackend:
             self.reports.failure(domain, self._policyRef(plan), result, detail=plan.fetchError)
         return plan
 
-    def _policyRef(self, plan: _Plan) -> Any:
+    def _policyRef(self, plan: _Plan, host: str | None = None) -> Any:
         from relay.delivery.tlsrpt import PolicyRef
 
+        if plan.kind == "dane" and host in plan.dane:
+            return PolicyRef("tlsa", tuple(plan.dane[host].policyStrings()))
         if plan.kind == "mta-sts":
             return PolicyRef("sts", tuple(plan.policy.lines()), tuple(plan.policy.mx))
         return PolicyRef("no-policy-found")
@@ -512,8 +562,8 @@ class MXBackend:
         try:
             exchangers = await self.resolver.exchangers(domain)
             ascii = domain.encode("idna").decode("ascii")  # exchangers() has checked it encodes
-            progress.step = "looking up the MTA-STS policy"
-            plan = await self._plan(ascii)
+            progress.step = "looking up the TLS policy (DANE, MTA-STS)"
+            plan = await self._plan(ascii, exchangers)
             if plan.enforce:
                 allowed = [e for e in exchangers if plan.policy.allows(e.host)]
                 for each in exchangers:
@@ -541,24 +591,43 @@ class MXBackend:
             hop = remote.Hop(exchanger.host, address, self.port)
             progress.tried += 1
             progress.step = f"delivering to {exchanger.host}[{address}]:{self.port}"
+            hostPlan = plan
+            required = plan.enforce
             verify = plan.enforce or plan.testing
+            if plan.kind == "dane":
+                policy = plan.dane.get(exchanger.host)
+                if policy is None or policy.mode.value == "none":
+                    hostPlan, required, verify = _Plan(), False, False  # this host: opportunistic
+                elif policy.mode.value == "failed":
+                    self._report(ascii, plan, exchanger.host, address, policy.result or "dnssec-invalid", policy.detail)
+                    self._logTLS(domain, exchanger.host, plan, failure=policy.result)
+                    last = progress.last = policy.status()
+                    continue
+                else:
+                    required = verify = True
             if plan.testing and not plan.policy.allows(exchanger.host):
                 verify = False
                 self._report(ascii, plan, exchanger.host, address, VALIDATION_FAILURE, "MX not in the policy")
+            if hostPlan.kind == "dane":
+                settings = self._daneSettings(exchanger.host, plan.dane[exchanger.host])
+            else:
+                settings = self.settingsFor(exchanger.host, verify)
             try:
                 try:
-                    outcome = await remote.deliverTo(
-                        self.reactor, hop, self.settingsFor(exchanger.host, verify), message, pool=self.pool
-                    )
+                    outcome = await remote.deliverTo(self.reactor, hop, settings, message, pool=self.pool)
                 except SessionError as e:
                     failure = tlsFailure(e) if verify else None
                     if failure is None:
                         raise
                     self._report(ascii, plan, exchanger.host, address, failure, e.status.text)
-                    self._logTLS(domain, exchanger.host, plan, failure=failure, peer=remote.failedAt(e))
-                    if plan.enforce:
-                        # Never in clear, never to an impostor: the next MX may do better (RFC 8461 5).
-                        status = Status(451, "4.7.5", f"MTA-STS policy of {domain}: {exchanger.host}: {e.status.text}")
+                    self._logTLS(domain, exchanger.host, hostPlan, failure=failure, peer=remote.failedAt(e))
+                    if required:
+                        # Never in clear, never to an impostor: the next MX may do better (RFC 8461 5, RFC 7672 2.2).
+                        what = "DANE" if hostPlan.kind == "dane" else "MTA-STS"
+                        text = e.status.text
+                        if not text.startswith("DANE"):
+                            text = f"{exchanger.host}: {text}"
+                        status = Status(451, "4.7.5", f"{what} policy of {domain}: {text}")
                         self.log.info("{domain}: {status}", domain=domain, status=str(status))
                         last = progress.last = status
                         continue
@@ -582,9 +651,9 @@ class MXBackend:
             except SessionError as e:
                 self.log.info("{domain} via {host}: {status}", domain=domain, host=exchanger.host, status=str(e.status))
                 return remote.everyone(recipients, e.status, remote.failedAt(e))
-            if verify and outcome.verified:
+            if verify and (outcome.verified or hostPlan.kind == "dane"):
                 self._report(ascii, plan, exchanger.host, address, None)
-            self._logTLS(domain, exchanger.host, plan, outcome)
+            self._logTLS(domain, exchanger.host, hostPlan, outcome)
             return remote.results(recipients, outcome)
         return remote.everyone(recipients, last)
 
@@ -593,9 +662,9 @@ class MXBackend:
         if self.reports is None or not plan.kind:
             return
         if result is None:
-            self.reports.success(domain, self._policyRef(plan))
+            self.reports.success(domain, self._policyRef(plan, host))
         else:
-            self.reports.failure(domain, self._policyRef(plan), result, host, address, detail)
+            self.reports.failure(domain, self._policyRef(plan, host), result, host, address, detail)
 
     def stop(self) -> None:
         self.pool.close()
@@ -641,9 +710,13 @@ def fromOptions(options: Mapping[str, Any], context: Any) -> MXBackend:
     mtaSTS = choiceOption(options, "mta_sts", ("yes", "no")) == "yes"
     tlsReports = choiceOption(options, "tls_reports", ("no", "yes")) == "yes"
     stsPort = portOption(options, "mta_sts_port", 443) if "mta_sts_port" in options else None
+    dnssec = choiceOption(options, "dnssec", ("no", "yes")) == "yes"
+    useDANE = choiceOption(options, "dane", ("no", "yes")) == "yes"
+    if useDANE and not dnssec:
+        raise OptionError("dane", "needs dnssec = yes (and nameservers that validate DNSSEC)")
     # Lookups in the DNS pool when the context has one (a context built by hand may not).
     dns = getattr(context, "dns", None) or context.blocking
-    resolver = Resolver(dns, context.reactor, _nameservers(options.get("nameservers", "")))
+    resolver = Resolver(dns, context.reactor, _nameservers(options.get("nameservers", "")), dnssec=dnssec)
     listening = getattr(context, "listening", ())
     deadline = DEADLINE_SHARE * getattr(context, "delivery_timeout", 600.0)
     myself = Myself(listening)
@@ -674,7 +747,7 @@ def fromOptions(options: Mapping[str, Any], context: Any) -> MXBackend:
         )
         reports.start()
     return MXBackend(
-        context.reactor, context.hostname, resolver, port, tls, caFile, maxMX, myself, deadline, sts, reports
+        context.reactor, context.hostname, resolver, port, tls, caFile, maxMX, myself, deadline, sts, reports, useDANE
     )
 
 

@@ -48,6 +48,8 @@ class MXBackendFactory:
         "mta_sts": "yes (default): honour MTA-STS policies (RFC 8461), cached under state_dir; no: ignore them",
         "mta_sts_port": "port of the MTA-STS policy servers (default 443; for tests)",
         "tls_reports": "yes: send daily TLS reports (RFC 8460) to the domains that ask for them; no (default)",
+        "dnssec": "yes: trust the AD bit of the nameservers' answers (they must validate DNSSEC); no (default)",
+        "dane": "yes: honour DANE TLSA records (RFC 7672) of authenticated MX hosts (needs dnssec = yes); no (default)",
     }
 
     def build(self, options: Mapping[str, Any], context: Any) -> Any:

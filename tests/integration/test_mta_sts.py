@@ -323,3 +323,79 @@ def test_tls_report_counts_survive_a_restart_and_are_sent_by_mail_and_https(rela
         assert failure["result-type"] == "certificate-host-mismatch" and failure["failed-session-count"] == 1
         assert failure["receiving-mx-hostname"] == "mx.sts.test" and failure["receiving-ip"] == "127.0.0.2"
     assert waitFor(lambda: json.loads(counts.read_text())["days"] == {}, 15)  # sent: nothing left to send
+
+
+# -- DANE (RFC 7672) through the mx backend: tests/dnszone.py sets the AD bit on authenticated zones ------------
+
+
+def _spkiDigest(certificate) -> str:
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    spki = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+def daneWorld(tmp_path, pki, start, tlsa: str | None, authenticated: bool = True):
+    """dane.test: MX mx.dane.test at 127.0.0.2 (aiosmtpd, a certificate from the test CA), TLSA as given."""
+    from cryptography import x509
+    from dnszone import MX, TLSA, DNSZone, Zone
+    from dnszone import A as A_
+
+    port = freeOnAll(["127.0.0.2"])
+    certificate = pki.issue("mx.dane.test", name="dane-mx")
+    leaf, intermediate = x509.load_pem_x509_certificates(certificate[0].read_bytes())
+    digests = {"3 1 1": _spkiDigest(leaf), "2 1 1": _spkiDigest(intermediate), "wrong": "00" * 32}
+    records = [MX("dane.test", 10, "mx.dane.test"), A_("mx.dane.test", "127.0.0.2")]
+    if tlsa is not None:
+        kind = "3 1 1" if tlsa == "wrong" else tlsa
+        records.append(TLSA(f"_{port}._tcp.mx.dane.test", f"{kind} {digests[tlsa]}"))
+    dns = start(DNSZone(tmp_path / "dnszone", {"dane.test": Zone(records, authenticated=authenticated)}))
+    peer = start(SMTPPeer(host="127.0.0.2", port=port, certificate=certificate))
+    return dns, peer, port
+
+
+def startDANE(relay, tmp_path, dns, port) -> Relay:
+    relayPort = freePort()
+    delivery = (
+        f"[delivery:internet]\nplugin = mx\nport = {port}\nnameservers = {dns.setting}\ndnssec = yes\ndane = yes\n"
+    )
+    return relay(config=BASE.format(state=tmp_path / "var", port=relayPort, delivery=delivery), port=relayPort).start()
+
+
+@pytest.mark.parametrize("tlsa", ["3 1 1", "2 1 1"])
+def test_dane_a_matching_tlsa_record_delivers(relay, tmp_path, world, tlsa):
+    pki, start = world
+    dns, peer, port = daneWorld(tmp_path, pki, start, tlsa)
+    r = startDANE(relay, tmp_path, dns, port)  # no ca_file: the test CA is trusted by the TLSA record alone
+    send(r.port, ["someone@dane.test"])
+    assert waitForMessages(peer, 1), r.logText()[-3000:]
+    assert waitFor(lambda: tlsLines(r), 5)
+    [line] = tlsLines(r)
+    assert "mx=mx.dane.test" in line and "tls_policy=dane tls=yes tls_verified=yes" in line, line
+
+
+def test_dane_a_mismatching_tlsa_record_defers_and_sends_nothing(relay, tmp_path, world):
+    pki, start = world
+    dns, peer, port = daneWorld(tmp_path, pki, start, "wrong")
+    r = startDANE(relay, tmp_path, dns, port)
+    send(r.port, ["someone@dane.test"])
+    assert waitFor(lambda: "event=deferred " in r.logText(), 15), r.logText()[-3000:]
+    [deferred] = [line for line in r.logText().splitlines() if "event=deferred " in line][:1]
+    assert "dsn=4.7.5" in deferred and "DANE policy of dane.test" in deferred, deferred
+    assert peer.messages == []
+    assert "tls_policy=dane tls=no tls_verified=no tls_failure=" in tlsLines(r)[0], tlsLines(r)
+    print(f"\nDANE mismatch: {deferred.split('reply=')[-1][:160]}")
+
+
+def test_dane_an_unauthenticated_tlsa_answer_is_ignored(relay, tmp_path, world):
+    pki, start = world
+    dns, peer, port = daneWorld(tmp_path, pki, start, "wrong", authenticated=False)
+    r = startDANE(relay, tmp_path, dns, port)
+    send(r.port, ["someone@dane.test"])
+    assert waitForMessages(peer, 1), r.logText()[-3000:]  # opportunistic TLS, as without DANE
+    assert waitFor(lambda: tlsLines(r), 5)
+    assert "tls_policy=opportunistic tls=yes tls_verified=no" in tlsLines(r)[0], tlsLines(r)
