@@ -81,7 +81,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "lockout",
         "max_bcrypt_cost",
     ),
-    "threads": ("auth", "dns", "delivery", "validators"),
+    "threads": ("auth", "dns", "delivery", "validators", "filters"),
     "policy": (
         "local_domains",
         "relay_networks",
@@ -89,12 +89,17 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "max_recipients",
         "validators",
         "validator_timeout",
+        "filters",
+        "filter_timeout",
+        "filter_trace",
     ),
     "control": ("endpoint",),
     "metrics": ("endpoint",),
     "log": ("format",),
 }
-_OPEN = ("validator", "delivery", "queue", "routes")
+_OPEN = ("validator", "filter", "delivery", "queue", "routes")
+# The keys of a [filter:NAME] section that are the relay's, not the plugin's.
+_FILTER_KEYS = ("plugin", "on_error", "filter_timeout")
 _QUEUE_KEYS = (
     "store",
     "path",
@@ -108,10 +113,10 @@ _QUEUE_KEYS = (
     "active_limit",
     "commit_timeout",
 )
-_NAMED = ("listener", "validator", "delivery")
+_NAMED = ("listener", "validator", "filter", "delivery")
 _KNOWN = (
-    "relay, listener:NAME, tls, auth, threads, policy, validator:NAME, queue, delivery:NAME, routes, control, metrics,"
-    " log"
+    "relay, listener:NAME, tls, auth, threads, policy, validator:NAME, filter:NAME, queue, delivery:NAME, routes,"
+    " control, metrics, log"
 )
 
 
@@ -225,6 +230,7 @@ class ThreadSettings:
     dns: int = 8
     delivery: int = 8
     validators: int = 8
+    filters: int = 4
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,14 @@ class PluginSection:
     name: str
     plugin: str
     options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class FilterSection(PluginSection):
+    """A [filter:NAME] section: the plugin's keys in C{options}, the relay's own apart."""
+
+    on_error: str = "tempfail"  # tempfail: 451 4.3.0 | accept: skip the filter with a log line
+    timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -272,6 +286,8 @@ class Settings:
     control_endpoint: str | None
     metrics_endpoint: str | None
     validator_timeout: float = 30.0
+    filters: tuple[FilterSection, ...] = ()
+    filter_trace: bool = False
     max_sessions: int | None = None  # None: auto, from the fd limit (relay.smtp.limits.sessionCap)
     shutdown_grace: float = 30.0  # SIGTERM: how long a session may finish its transaction
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -537,8 +553,42 @@ def _threads(r: _Reader) -> ThreadSettings:
         return r.convert("threads", key, default, _between(1, 1000))
 
     return ThreadSettings(
-        auth=get("auth", "2"), dns=get("dns", "8"), delivery=get("delivery", "8"), validators=get("validators", "8")
+        auth=get("auth", "2"),
+        dns=get("dns", "8"),
+        delivery=get("delivery", "8"),
+        validators=get("validators", "8"),
+        filters=get("filters", "4"),
     )
+
+
+def _filters(r: _Reader) -> tuple[FilterSection, ...]:
+    """[policy] filters and their [filter:NAME] sections, each listed once, none unused."""
+    default = r.convert("policy", "filter_timeout", "60s", _positive(parse_duration, "filter_timeout"))
+    named = _words(r.get("policy", "filters", "") or "")
+    for name in named:
+        if f"filter:{name}" not in r.sections:
+            raise r.error("policy", "filters", f"no [filter:{name}] section")
+        if named.count(name) > 1:
+            raise r.error("policy", "filters", f"{name!r} is listed twice")
+    for section in r.named("filter"):
+        if section.partition(":")[2] not in named:
+            raise r.error("policy", "filters", f"does not list {section.partition(':')[2]!r}, so [{section}] is unused")
+    filters = []
+    for name in named:
+        section = f"filter:{name}"
+        base = r.plugin(section)
+        options = {k: v for k, v in base.options.items() if k not in _FILTER_KEYS}
+        filters.append(
+            FilterSection(
+                section,
+                name,
+                base.plugin,
+                MappingProxyType(options),
+                on_error=r.choice(section, "on_error", "tempfail", ("tempfail", "accept")),
+                timeout=r.convert(section, "filter_timeout", f"{default}", _positive(parse_duration, "filter_timeout")),
+            )
+        )
+    return tuple(filters)
 
 
 def _mustExist(r: _Reader, section: str, key: str, path: Path | None, why: str) -> None:
@@ -701,6 +751,8 @@ def load(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = Non
         control_endpoint=control,
         metrics_endpoint=metrics,
         validator_timeout=validatorTimeout,
+        filters=_filters(r),
+        filter_trace=r.convert("policy", "filter_trace", "no", _boolean),
         max_sessions=max_sessions,
         shutdown_grace=shutdown_grace,
         auth=_auth(r),

@@ -32,11 +32,16 @@ from relay.control import controlService
 from relay.delivery.router import Router
 from relay.errors import ConfigError, OptionError
 from relay.fsutil import makeDirectories
-from relay.interfaces import IDeliveryBackendFactory, IQueueStoreFactory, IRecipientValidatorFactory
+from relay.interfaces import (
+    IDeliveryBackendFactory,
+    IMessageFilterFactory,
+    IQueueStoreFactory,
+    IRecipientValidatorFactory,
+)
 from relay.logs import logEvent
 from relay.metrics import Metrics
 from relay.policy import Policy
-from relay.queue.scheduler import Scheduler
+from relay.queue.scheduler import Scheduler, isHeld
 from relay.smtp.auth import PasswordFile, makePortal
 from relay.smtp.limits import SessionLimits, sessionCap
 from relay.smtp.proxied import ProxyFactory
@@ -80,14 +85,15 @@ class Executors:
     """
     One bounded thread pool per kind of blocking work ([threads]): password
     hashing (C{auth}), DNS lookups (C{dns}), delivery backends' file work
-    (C{delivery}) and validators (C{validators}).  A storm of AUTH guesses
+    (C{delivery}), validators (C{validators}) and content filters (C{filters}:
+    DKIM signing).  A storm of AUTH guesses
     fills the auth pool and nothing else, so a local delivery or a validator
     still finds its threads free; a slow resolver holds up no maildir write.
     The queue store and anything else keep the reactor's own pool
     (C{general}).  Threads are made on demand, up to each pool's size.
     """
 
-    KINDS = ("auth", "dns", "delivery", "validators")
+    KINDS = ("auth", "dns", "delivery", "validators", "filters")
 
     def __init__(self, reactor: Any, threads: ThreadSettings) -> None:
         self.reactor = reactor
@@ -179,6 +185,8 @@ class RelayService(MultiService):
         self.startupFailed: Callable[[str], None] = _raiseStartupError
         """Called with one line when a listener cannot bind; must not return (twistd sets how to exit)."""
         self.factories: list[Any] = []
+        self.filters: Any = None
+        """The content filters (a L{relay.filters.runner.FilterChain}) or None: stopped last, replaced on reload."""
         """The SMTP server factories of the listeners: told to stop, and given new settings on reload."""
         self.clock: Any = None
         self.rebuild: Callable[[Settings], Callable[[], None]] | None = None
@@ -270,6 +278,7 @@ class RelayService(MultiService):
         stops.extend(self._bounded(factory.shutdown(grace), grace + 2.0, "sessions") for factory in self.factories)
         d: Deferred[Any] = DeferredList(stops)
         d.addCallback(lambda _: self._stopBackends())
+        d.addCallback(lambda _: self._stopFilters())
         d.addCallback(lambda _: self.store.stop())
         d.addBoth(self._stopExecutors)
         return d
@@ -359,6 +368,11 @@ class RelayService(MultiService):
             self.executors.stop()
         return result
 
+    def _stopFilters(self) -> Deferred[Any] | None:
+        # After the sessions: no message is being filtered any more.
+        chain = getattr(self, "filters", None)
+        return chain.stop() if chain is not None else None
+
     def _stopBackends(self) -> Deferred[Any]:
         # After the scheduler has stopped: no attempt is running any more.
         stops = []
@@ -392,6 +406,8 @@ _RELOADED_KEYS = (
     "max_message_size",
     "max_recipients",
     "validators",
+    "filters",
+    "filter_trace",
     "deliveries",
     "routes",
     "validator_timeout",
@@ -445,6 +461,31 @@ def _build(
     except OptionError as e:
         key = pluginKey if e.key == "plugin" else e.key
         raise ConfigError(str(settings.path), context.section, key, e.message) from None
+
+
+def _filterChain(settings: Settings, reactor: Any, context: Callable[[str, str], plugin.PluginContext]) -> Any:
+    """The content filters of C{[policy] filters}, or C{None}: then the server spools nothing."""
+    if not settings.filters:
+        return None
+    from relay.filters.runner import FilterChain, FilterSpec
+
+    specs = [
+        FilterSpec(
+            s.name,
+            _build(settings, IMessageFilterFactory, s.plugin, s.options, context(s.section, "filters")),
+            timeout=s.timeout,
+            onError=s.on_error,
+        )
+        for s in settings.filters
+    ]
+    spoolDir = settings.state_dir / "spool"
+    try:
+        makeDirectories(spoolDir)
+    except OSError as e:
+        raise ConfigError(str(settings.path), "relay", "state_dir", f"cannot create {spoolDir}: {e}") from None
+    return FilterChain(
+        specs, reactor, spoolDir, settings.hostname, trace=settings.filter_trace, maxSize=settings.max_message_size
+    )
 
 
 def _tlsOptions(settings: Settings) -> Any:
@@ -575,6 +616,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         )
         for name, section in settings.deliveries.items()
     }
+    filters = _filterChain(settings, reactor, context)
     metrics = Metrics()
     router = Router(settings.route, backends)
     scheduler = Scheduler(
@@ -617,12 +659,14 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
         maxRecipients=settings.max_recipients,
         policy=policy,
         store=store,
-        onAccepted=lambda envelope: (metrics.accepted.inc(), scheduler.enqueue(envelope)),
+        onAccepted=lambda envelope: (metrics.accepted.inc(), isHeld(envelope) or scheduler.enqueue(envelope)),
         metrics=metrics,
         clock=reactor,
         commitTimeout=queue.commit_timeout,
         etrn=scheduler.etrn,
+        filters=filters,
     )
+    top.filters = filters
     tlsOptions = _tlsOptions(settings)
     portal = None
     if settings.auth_passwords is not None and any(listener.auth != "none" for listener in settings.listeners):
@@ -691,6 +735,7 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
             name: _build(new, IDeliveryBackendFactory, s.plugin, s.options, context(s.section, "delivery"))
             for name, s in new.deliveries.items()
         }
+        newFilters = _filterChain(new, reactor, context)
         newRouter = Router(new.route, newBackends)
         newPolicy = Policy(
             new.local_domains,
@@ -720,7 +765,13 @@ def buildService(settings: Settings, reactor: Any) -> RelayService:
                     maxRecipients=new.max_recipients,
                     tlsOptions=newTLS if factory.settings.tls != "none" else None,
                     portal=newPortal,
+                    filters=newFilters,
                 )
+            oldFilters, top.filters = top.filters, newFilters
+            if oldFilters is not None:
+                # Messages being filtered keep the old filters until their filter_timeout at most.
+                longest = max(spec.timeout for spec in oldFilters.filters)
+                reactor.callLater(longest + 1.0, oldFilters.stop)
             for current in currentTLS:
                 current.options = newTLS
             # Attempts already running keep the old backends until they end (delivery_timeout at most).

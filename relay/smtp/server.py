@@ -197,6 +197,9 @@ class ServerSettings:
     # ETRN (RFC 1985): makes the queued mail for a domain ("@domain": and its
     # sub-domains) due now, firing with the number of messages; None: no ETRN.
     etrn: Callable[[str], Any] | None = None
+    # relay.filters.runner.FilterChain ([policy] filters); None: no content filter, the data goes
+    # straight to the store as it arrives (no spool, no copy).
+    filters: Any = None
 
 
 def listenerSettings(base: ServerSettings, listener: config.Listener) -> ServerSettings:
@@ -923,7 +926,14 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._size = 0
             self._problem = None
             self._trace = TraceCounter()
-            self._incoming.write(self._receivedHeader())
+            received = self._receivedHeader()
+            self._incoming.write(received)
+            filters = self.settings.filters
+            if filters is not None:
+                # The data goes to a spool for the filters; the store gets the filtered message after them.
+                from relay.filters.runner import SpooledMessage
+
+                self._incoming = SpooledMessage(self._incoming, filters.newSpool(), received)
         except OSError as e:
             self._abortIncoming()
             return NO_STORAGE if e.errno in (errno.ENOSPC, errno.EDQUOT) else LOCAL_ERROR
@@ -1068,6 +1078,11 @@ class SMTPServer(Protocol, TimeoutMixin):
             envid=params.envid,
             auth=self.authenticated,
         )
+        if self.settings.filters is not None and not hasattr(incoming, "commit"):
+            return self._filter(envelope, incoming)
+        return self._commit(envelope, incoming)
+
+    def _commit(self, envelope: Envelope, incoming: Any, logged: dict[str, Any] | None = None) -> Deferred[Status]:
         # The session's own timer is off while we owe the answer, so the
         # commit has a deadline of its own: a wedged disk costs a 451, never
         # a session hung for ever.
@@ -1083,10 +1098,85 @@ class SMTPServer(Protocol, TimeoutMixin):
             if isinstance(result, Failure):
                 answer.callback(self._commitFailed(result, incoming))
             else:
-                answer.callback(self._committed(envelope))
+                answer.callback(self._committed(envelope, logged))
 
         maybeDeferred(incoming.commit, envelope).addBoth(outcome)
         return answer
+
+    # -- content filters -------------------------------------------------
+
+    def _filter(self, envelope: Envelope, spooled: Any) -> Deferred[Status]:
+        """
+        Run the content filters on the spooled message, then queue what they
+        left (or answer what they decided).  The answer waits for both.
+        """
+        protocol, cipher = self._tlsInfo()
+        peer = self.transport.getPeer()
+        d = self.settings.filters.run(
+            spooled.spool,
+            [r.address for r in envelope.recipients],
+            queue_id=envelope.queue_id,
+            sender=envelope.sender,
+            client_address=self.client,
+            client_port=getattr(peer, "port", 0) or 0,
+            helo=self.helo,
+            authenticated=self.authenticated,
+            tls=self.tls,
+            tls_version=protocol,
+            tls_cipher=cipher,
+            receivedHeader=spooled.received.decode("utf-8", "surrogateescape").rstrip("\r\n"),
+            relay_client=self.settings.policy.mayRelay(self.client, self.authenticated),
+            hostname=self.settings.hostname,
+        )
+        d.addCallback(self._filtered, envelope, spooled)
+
+        def failed(failure: Failure) -> Status:
+            spooled.abort()
+            self.log.failure("content filters failed on {queue_id}", failure, queue_id=envelope.queue_id)
+            return LOCAL_ERROR
+
+        d.addErrback(failed)
+        return d
+
+    def _filtered(self, outcome: Any, envelope: Envelope, spooled: Any) -> Status | Deferred[Status]:
+        from relay.filters.runner import copyInto
+        from relay.filters.verdict import FilterDecision
+        from relay.queue.scheduler import HELD_UNTIL
+
+        state = outcome.state
+        logged: dict[str, Any] = {"filters": outcome.summary()}
+        if outcome.decision in (FilterDecision.REJECT, FilterDecision.TEMPFAIL):
+            state.close()
+            spooled.abort()
+            self._rejected("filter", outcome.status, envelope.sender, None, logged)
+            return outcome.status
+        if outcome.decision is FilterDecision.DISCARD:
+            state.close()
+            spooled.abort()
+            fields = {"queue_id": envelope.queue_id, "from": envelope.sender, "nrcpt": len(envelope.recipients)}
+            logEvent(self.log, "discarded", {**fields, "client": self.client, "user": self.authenticated, **logged})
+            return _reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}")
+        kept = {r.address: r for r in envelope.recipients}
+        recipients = [kept.get(address) or Recipient(address) for address in outcome.recipients]
+        envelope = replace(envelope, recipients=recipients, size=state.size)
+        if outcome.decision is FilterDecision.HOLD:
+            envelope.extra["held"] = True
+            for recipient in recipients:
+                recipient.next_attempt = HELD_UNTIL
+            logged["held"] = "yes"
+        incoming = spooled.incoming
+
+        async def copyThenCommit() -> Status:
+            try:
+                await copyInto(state, incoming, self.settings.clock)
+            except OSError as e:
+                incoming.abort()
+                return NO_STORAGE if e.errno in (errno.ENOSPC, errno.EDQUOT) else LOCAL_ERROR
+            finally:
+                state.close()
+            return await self._commit(envelope, incoming, logged)
+
+        return Deferred.fromCoroutine(copyThenCommit())
 
     def _commitTooSlow(self, answer: Deferred[Status], envelope: Envelope, incoming: Any) -> None:
         """
@@ -1113,7 +1203,9 @@ class SMTPServer(Protocol, TimeoutMixin):
                 queue_id=envelope.queue_id,
             )
 
-    def _rejected(self, reason: str, status: Status, transaction: Any, to: str | None = None) -> None:
+    def _rejected(
+        self, reason: str, status: Status, transaction: Any, to: str | None = None, more: dict[str, Any] | None = None
+    ) -> None:
         """One C{rejected} line, and the count by C{reason}: a refused recipient or message."""
         if isinstance(transaction, Transaction):
             sender: str | None = str(transaction.sender) if transaction.sender else ""
@@ -1123,6 +1215,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             self.settings.metrics.rejected.labels(reason=reason).inc()
         fields = {"reason": reason, "client": self.client, "from": sender, "to": to, "user": self.authenticated}
         fields.update(code=status.code, dsn=status.enhanced, reply=status.text)
+        if more:
+            fields.update(more)
         logEvent(self.log, "rejected", fields)
 
     def _tlsInfo(self) -> tuple[str | None, str | None]:
@@ -1135,7 +1229,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         except Exception:
             return "yes", None
 
-    def _committed(self, envelope: Envelope) -> Status:
+    def _committed(self, envelope: Envelope, logged: dict[str, Any] | None = None) -> Status:
         self._accepted += 1
         protocol, cipher = self._tlsInfo()
         fields = {
@@ -1148,6 +1242,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             "tls": protocol,
             "cipher": cipher,
         }
+        if logged:
+            fields.update(logged)
         logEvent(self.log, "accepted", fields)
         try:
             self.settings.onAccepted(envelope)
