@@ -92,8 +92,10 @@ class FilterMessage:
     @ivar tls: whether the session is under TLS.
     @ivar tls_version: e.g. C{"TLSv1.3"}, or C{None}.
     @ivar tls_cipher: e.g. C{"TLS_AES_256_GCM_SHA384"}, or C{None}.
-    @ivar relay_client: whether the client is in C{relay_networks} (or
-        authenticated): what "outgoing mail" means to a signing filter.
+    @ivar relay_client: whether the client's address is in
+        C{relay_networks} (whatever its authentication: see
+        C{authenticated}); with it, what "outgoing mail" means to a signing
+        filter.
     @ivar size: the size of the message data in octets, as L{open} gives it.
     @ivar receivedHeader: the relay's own C{Received:} field (one line,
         folded with CRLF + tab, no final CRLF, starting with C{"Received: "})

@@ -1125,7 +1125,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             tls_version=protocol,
             tls_cipher=cipher,
             receivedHeader=spooled.received.decode("utf-8", "surrogateescape").rstrip("\r\n"),
-            relay_client=self.settings.policy.mayRelay(self.client, self.authenticated),
+            relay_client=self.settings.policy.mayRelay(self.client, None),
             hostname=self.settings.hostname,
         )
         d.addCallback(self._filtered, envelope, spooled)
