@@ -342,3 +342,31 @@ def test_chain_stop_stops_every_filter(tmp_path):
     s = session(tmp_path, a, b)
     s.chain.stop()
     assert a.stopped and b.stopped
+
+
+# -- plugins for the integration tests (tests/integration/test_filters_process.py), found by dotted path --------
+
+from twisted.plugin import IPlugin  # noqa: E402
+from zope.interface import implementer  # noqa: E402
+
+from relay.interfaces import IMessageFilterFactory  # noqa: E402
+
+
+@implementer(IPlugin, IMessageFilterFactory)
+class BrokenFilterFactory:
+    """C{how = raise}: check raises; C{how = hang}: check never answers; C{how = tag}: adds X-Tagged."""
+
+    name = "broken-filter"
+    description = "a filter that fails on purpose"
+    keys = {"how": "raise, hang or tag"}
+
+    def build(self, options, context):
+        how = options.get("how", "raise")
+        if how == "raise":
+            return Raises()
+        if how == "hang":
+            return Hangs()
+        return Recorder(v.cont("tagged").withHeaders(("X-Tagged", "yes")))
+
+
+brokenFilter = BrokenFilterFactory()
