@@ -41,7 +41,7 @@ class Metrics:
         self.sessionsOpen = Gauge("relay_sessions_open", "SMTP sessions open (admitted)", registry=self.registry)
         self.rejected = Counter(
             "relay_messages_rejected",
-            "Recipients and messages refused, by reason (recipient, size, bare_lf, bare_cr, line_too_long, nul, hops)",
+            "Recipients, messages and connections refused, by reason (the reason of the event=rejected log line)",
             ["reason"],
             registry=self.registry,
         )
