@@ -147,37 +147,34 @@ def _canonical(domain: str) -> str:
         return domain
 
 
-def loadKey(path: Path) -> tuple[bytes, bytes]:
+def loadKey(path: Path) -> tuple[bytes, Any]:
     """
-    C{(signature algorithm, key as dkimpy takes it)} from a key file: a PEM
-    RSA key (PKCS#1 or PKCS#8) or Ed25519 key (PKCS#8), or the base64 seed
-    that dkimpy's dknewkey writes for Ed25519.
+    C{(signature algorithm, private key)} from a key file: a PEM RSA key
+    (PKCS#1 or PKCS#8) or Ed25519 key (PKCS#8), or the base64 seed that
+    dkimpy's dknewkey writes for Ed25519.  The key is a C{cryptography} one:
+    signing goes through OpenSSL, not dkimpy's pure-Python RSA, which took
+    about 8 ms of the interpreter per 2048-bit signature (114 messages/s
+    against 938 without the filter, bench/dkim.py).
 
     @raise ValueError: not a key we can sign with (RSA below 1024 bits:
         RFC 8301 forbids them).
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     data = path.read_bytes()
     if b"-----BEGIN" not in data:
         seed = base64.b64decode(data.strip(), validate=True)
         if len(seed) != 32:
             raise ValueError("neither a PEM key nor a base64 Ed25519 key of 32 octets")
-        return b"ed25519-sha256", base64.b64encode(seed)
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-
+        return b"ed25519-sha256", ed25519.Ed25519PrivateKey.from_private_bytes(seed)
     key = serialization.load_pem_private_key(data, password=None)
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < 1024:
             raise ValueError(f"an RSA key of {key.key_size} bits (RFC 8301: at least 1024; 2048 is usual)")
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-        )
-        return b"rsa-sha256", pem
+        return b"rsa-sha256", key
     if isinstance(key, ed25519.Ed25519PrivateKey):
-        raw = key.private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-        )
-        return b"ed25519-sha256", base64.b64encode(raw)
+        return b"ed25519-sha256", key
     raise ValueError(f"a {type(key).__name__}: only RSA and Ed25519 keys sign DKIM")
 
 
@@ -189,7 +186,7 @@ class DKIMSigner:
         domain: str,
         selector: str,
         algorithm: bytes,
-        key: bytes,
+        key: Any,
         headers: tuple[str, ...] = DEFAULT_HEADERS,
         sign: frozenset[str] = frozenset({"authenticated", "relay_networks"}),
         blocking: Callable[..., Any] | None = None,
@@ -243,25 +240,19 @@ class DKIMSigner:
     def signature(self, head: bytes, bodyHash: bytes) -> str:
         """
         The DKIM-Signature field value (folded, without its name) for a
-        header block and a body hash: what dkimpy's C{DKIM.sign} makes, with
-        the body hash given instead of computed from a body in memory.
+        header block and a body hash: what dkimpy's C{DKIM.sign} makes (its
+        header parsing, canonicalization, selection, folding and header
+        hash), with the body hash given instead of computed from a body in
+        memory, and the signature made by OpenSSL.
         """
         import dkim
         from dkim.canonicalization import CanonicalizationPolicy
 
         d = dkim.DKIM(head, signature_algorithm=self.algorithm)
-        if self.algorithm == b"rsa-sha256":
-            pk = dkim.parse_pem_private_key(self.key)
-        else:
-            import nacl.encoding
-            import nacl.signing
-
-            pk = nacl.signing.SigningKey(self.key, encoder=nacl.encoding.Base64Encoder)
         present = [name.lower() for name, _ in d.headers]
         include = [n for n in present if n.decode("ascii", "replace") in self.headers]
         include += [n.encode() for n in OVERSIGNED if n in self.headers]
         policy = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
-        d.hasher = dkim.HASH_ALGORITHMS[self.algorithm]
         fields = [
             (b"v", b"1"),
             (b"a", self.algorithm),
@@ -275,8 +266,22 @@ class DKIMSigner:
             (b"bh", base64.b64encode(bodyHash)),
             (b"b", b"0" * 60),  # as dkimpy: b= folds onto its own line
         ]
-        header = d.gen_header(fields, tuple(include), policy, b"DKIM-Signature", pk)
-        return header.decode("ascii").strip().removesuffix("\r\n")
+        name = b"DKIM-Signature"
+        value = dkim.fold(b"; ".join(b"=".join(x) for x in fields), namelen=len(name), linesep=b"\r\n")
+        value = dkim.RE_BTAG.sub(b"\\1", value)
+        h = hashlib.sha256()
+        dkim.hash_headers(h, policy, policy.canonicalize_headers(d.headers), include, (name, b" " + value), None)
+        fields[-1] = (b"b", base64.b64encode(self._sign(h.digest())))
+        value = dkim.fold(b"; ".join(b"=".join(x) for x in fields) + b"\r\n", namelen=len(name), linesep=b"\r\n")
+        return value.decode("ascii").strip()
+
+    def _sign(self, digest: bytes) -> bytes:
+        if self.algorithm == b"rsa-sha256":
+            from cryptography.hazmat.primitives import hashes
+            from cryptography.hazmat.primitives.asymmetric import padding, utils
+
+            return self.key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+        return self.key.sign(digest)  # ed25519-sha256 signs the SHA-256 of the headers (RFC 8463 3)
 
     def stop(self) -> None:
         pass
