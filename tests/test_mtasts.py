@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 
 from relay.delivery.mtasts import (
     MAX_AGE_LIMIT,
+    RETRY_FETCH,
     STS,
     FetchError,
     Policy,
@@ -236,3 +237,20 @@ def test_concurrent_lookups_share_one_fetch(tmp_path):
     assert len(waiting) == 1 and not first.called
     waiting[0].callback(POLICY)
     assert result(first).policy == result(second).policy
+
+
+def test_a_failed_fetch_is_not_tried_again_at_every_attempt(world):
+    world.txtRecords = ["v=STSv1; id=1"]
+    world.policy = FetchError("timed out")
+    assert world.lookup().fetchError == "timed out" and world.fetches == 1
+    assert world.lookup().fetchError == "timed out" and world.fetches == 1  # remembered
+    world.clock.advance(RETRY_FETCH)
+    world.policy = POLICY
+    assert world.lookup().policy.mode == "enforce" and world.fetches == 2
+    # A new id is fetched at once, whatever failed before.
+    world.txtRecords = ["v=STSv1; id=2"]
+    world.policy = FetchError("refused")
+    world.lookup()
+    world.txtRecords = ["v=STSv1; id=3"]
+    world.lookup()
+    assert world.fetches == 4

@@ -48,6 +48,7 @@ MAX_BODY = 64 * 1024  # RFC 8461 3.3: "a reasonable maximum", Postfix's mta-sts-
 FETCH_TIMEOUT = 60.0  # RFC 8461 3.3: "SHOULD use a timeout of at most 60 seconds"
 MAX_AGE_LIMIT = 31_557_600  # RFC 8461 3.2: at most a year
 MODES = ("enforce", "testing", "none")
+RETRY_FETCH = 300.0  # after a failed fetch, the same record id is not fetched again for this long
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")
 _FIELD = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -422,6 +423,9 @@ class STS:
         self.cache = cache
         self.blocking = blocking
         self._running: dict[str, list[Deferred[Lookup]]] = {}
+        # domain -> (until, record id, error, invalid): a policy host that is down or broken must
+        # not cost every attempt at the domain a fetch of up to a minute.
+        self._failed: dict[str, tuple[float, str, str, bool]] = {}
 
     def policyFor(self, domain: str) -> Deferred[Lookup]:
         """One lookup per domain at a time: concurrent attempts wait for the same answer."""
@@ -465,11 +469,17 @@ class STS:
             return Lookup(cached)
         if cached is not None and cached.id == ident:
             return Lookup(cached)
+        failed = self._failed.get(domain)
+        if failed is not None and failed[0] > self.clock.seconds() and failed[1] == ident:
+            return Lookup(cached, failed[2], failed[3])
         try:
             text = await self.fetcher.fetch(domain)
             policy = parsePolicy(text, ident, self.clock.seconds())
         except (FetchError, PolicyError) as e:
             invalid = isinstance(e, PolicyError) or getattr(e, "invalid", False)
+            if len(self._failed) > 10_000:
+                self._failed.clear()
+            self._failed[domain] = (self.clock.seconds() + RETRY_FETCH, ident, str(e), invalid)
             log.info(
                 "MTA-STS: {domain}: {why}; {using}",
                 domain=domain,
@@ -477,6 +487,7 @@ class STS:
                 using="using the cached policy" if cached is not None else "no policy applies",
             )
             return Lookup(cached, str(e), invalid)
+        self._failed.pop(domain, None)
         self.cache.remember(domain, policy)
         try:
             await self.blocking(self.cache.put, domain, policy)
