@@ -238,19 +238,30 @@ def test_the_cached_policy_holds_when_the_policy_server_is_down(relay, tmp_path,
     assert "tls_policy=mta-sts sts_mode=enforce tls=yes tls_verified=yes" in "\n".join(tlsLines(r2))
 
 
-def test_a_redirect_is_not_followed_and_no_policy_applies(relay, tmp_path, world):
+@pytest.mark.parametrize("served", ["redirect", "html", "too-large"])
+def test_a_redirect_a_wrong_type_or_a_huge_policy_is_no_policy(relay, tmp_path, world, served):
     pki, start = world
     port = freeOnAll(["127.0.0.2"])
     dns = start(DNSServer(tmp_path, {"sts.test": zone("sts.test", [(10, "mx.sts.test", "127.0.0.2")])}))
     policy = start(PolicyServer(pki.issue("mta-sts.sts.test", name="policy")))
-    policy.pages["/.well-known/mta-sts.txt"] = (301, {"Location": "https://mta-sts.sts.test/elsewhere"}, b"")
-    policy.pages["/elsewhere"] = (200, {"Content-Type": "text/plain"}, policyText("enforce", "none.test").encode())
+    enforce = policyText("enforce", "none.test").encode()  # would stop the mail if it applied
+    path = "/.well-known/mta-sts.txt"
+    if served == "redirect":
+        policy.pages[path] = (301, {"Location": "https://mta-sts.sts.test/elsewhere"}, b"")
+        policy.pages["/elsewhere"] = (200, {"Content-Type": "text/plain"}, enforce)
+        why = "answered 301"
+    elif served == "html":
+        policy.pages[path] = (200, {"Content-Type": "text/html"}, enforce)
+        why = "not text/plain"
+    else:
+        policy.pages[path] = (200, {"Content-Type": "text/plain"}, enforce + b"x: " + b"y" * 70_000 + b"\r\n")
+        why = "larger than 65536 octets"
     peer = start(SMTPPeer(host="127.0.0.2", port=port))  # no TLS at all
     r = startRelay(relay, tmp_path, dns, pki, port, policy.port)
     send(r.port, ["someone@sts.test"])
     assert waitForMessages(peer, 1), r.logText()[-3000:]
-    assert [p for _, p, _, _ in policy.requests] == ["/.well-known/mta-sts.txt"]
-    assert "answered 301" in r.logText() and "no policy applies" in r.logText()
+    assert [p for _, p, _, _ in policy.requests] == [path]  # a redirect is not followed
+    assert why in r.logText() and "no policy applies" in r.logText(), r.logText()[-2000:]
     assert waitFor(lambda: tlsLines(r), 5)
     assert "tls_policy=none tls=no tls_verified=no" in tlsLines(r)[0]
 
