@@ -199,6 +199,7 @@ def test_an_aborted_or_crashed_message_leaves_nothing(stores, dsn):
     left = store.begin()
     left.write(DATA)  # never committed: the node "crashes"
     assert sql(dsn, "SELECT count(*) FROM incoming")[0] == (1,)
+    store._nodeLock.close()  # the process dies: the server ends its session and the node's lock with it
     again = stores("a")  # the same node starts again
     assert sql(dsn, "SELECT count(*) FROM message_chunks")[0] == (0,)
     assert sql(dsn, "SELECT count(*) FROM incoming")[0] == (0,)
@@ -241,6 +242,86 @@ def test_leases_between_two_nodes(stores, dsn):
     # unclaim frees it for any node.
     a.unclaim(queueID)
     assert resolve(b.claim(queueID)) is not None
+
+
+def test_a_node_name_in_use_is_refused(stores, dsn, tmp_path, pgcluster):
+    """
+    A second store with a live store's node name fails its recover() naming
+    [queue] node, and deletes nothing of the first's (its message being
+    received, its lease); once the first is gone, the name is free.  Another
+    schema is another queue: the same name is free there.
+    """
+    first = stores("a")
+    first.chunkSize = 16
+    receiving = first.begin()
+    receiving.write(DATA)
+    envelope, d = commit(first)
+    resolve(d)
+    second = build(dsn, tmp_path / "a2", node="a")
+    with pytest.raises(OSError) as caught:
+        resolve(second.recover())
+    assert str(caught.value).startswith("[queue] node: node a is in use by another relay")
+    assert sql(dsn, "SELECT count(*) FROM incoming")[0] == (1,)
+    assert sql(dsn, "SELECT lease_owner FROM messages WHERE id = %s", [envelope.queue_id])[0] == ("a",)
+    resolve(second.stop())
+    elsewhere = build(pgcluster.createSchema(), tmp_path / "a3", node="a")
+    resolve(elsewhere.recover())
+    resolve(elsewhere.stop())
+    receiving.abort()
+    resolve(first.stop())
+    third = build(dsn, tmp_path / "a4", node="a")
+    resolve(third.recover())
+    resolve(third.stop())
+
+
+def test_a_commit_whose_chunks_do_not_add_up_fails(stores, dsn):
+    """
+    Defence in depth: a chunk missing (or one too many) under the message's
+    id when it commits fails that commit alone with an OSError (the client's
+    4xx) and leaves nothing; the commits sharing its transaction go through.
+    """
+    pending = Pending()
+    store = stores("a", blocking=pending)
+    store.chunkSize = 16
+    incoming = store.begin()
+    incoming.write(DATA)
+    pending.runAll()
+    sql(dsn, "DELETE FROM message_chunks WHERE id = %s AND seq = 1", [incoming.queue_id])
+    envelope = envelopeFor(incoming.queue_id)
+    bad = incoming.commit(envelope)
+    others = [commit(store)[1] for _ in range(3)]
+    pending.runAll()
+    failure = outcome(bad)
+    assert isinstance(getattr(failure, "value", None), OSError), failure
+    assert "chunks" in str(failure.value)
+    assert [outcome(d) for d in others] == [None] * 3
+    assert sql(dsn, "SELECT count(*) FROM messages WHERE id = %s", [incoming.queue_id])[0] == (0,)
+    assert sql(dsn, "SELECT count(*) FROM message_chunks WHERE id = %s", [incoming.queue_id])[0] == (0,)
+    # One chunk too many (another writer under the same id) fails the same way.
+    extra = store.begin()
+    extra.write(DATA)
+    pending.runAll()
+    sql(dsn, "INSERT INTO message_chunks (id, seq, data) VALUES (%s, 999, 'x')", [extra.queue_id])
+    d = extra.commit(envelopeFor(extra.queue_id))
+    pending.runAll()
+    assert isinstance(getattr(outcome(d), "value", None), OSError)
+
+
+def test_a_scan_says_when_another_nodes_lease_ends(stores, dsn):
+    """
+    A message another node holds is not due for this one, but its lease's
+    end is when this node's scheduler must look again (QueueScan.later): a
+    dead node's mail is taken over then, not at the next periodic rescan.
+    """
+    a, b = stores("a", lease="60s"), stores("b")
+    envelope, d = commit(a)
+    resolve(d)
+    scan = resolve(b.scan(b.clock.seconds() + 60, 10, ()))
+    assert scan.due == []
+    assert scan.later is not None and 55 < scan.later - b.clock.seconds() <= 61
+    # Its own lease, or one excluded (in memory), tells nothing.
+    assert resolve(a.scan(a.clock.seconds(), 0, ())).later is not None  # due now, beyond the limit
+    assert resolve(b.scan(b.clock.seconds() + 60, 10, (envelope.queue_id,))).later is None
 
 
 def test_leases_in_flight_are_renewed(stores, dsn):

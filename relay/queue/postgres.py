@@ -25,7 +25,10 @@ born leased by the node that received it; L{claim} takes or renews one (when
 free, ours, or expired); L{update}, L{remove} and L{unclaim} end it.  Leases
 held for attempts in flight are renewed every third of their length, so only
 a node that stops renewing (dead, or cut off) loses them, and then another
-node's scan finds its messages and delivers them.  What the dead node had
+node's scan finds its messages and delivers them (a scan tells the scheduler
+when the earliest of the other nodes' leases ends, so it looks again then,
+not at its next periodic rescan).  A node's name is held by an advisory lock
+for the life of its process, so two relays cannot run as one node.  What the dead node had
 already delivered without storing it is delivered again: the one way a
 cluster duplicates mail.
 """
@@ -53,9 +56,19 @@ from relay.queue.memory import dueTime
 CHUNK = 256 * 1024
 # An incoming message left by any node (crashed, or gone for good) is discarded after this.
 ABANDONED = "1 day"
+# A scan looks again this long after the earliest end of another node's lease (clock steps, rounding).
+LEASE_SLACK = 0.5
 _VISIBLE = "(lease_owner IS NULL OR lease_owner = %(me)s OR lease_until < now())"
 
 log = Logger()
+
+
+class DataMismatch(OSError):
+    """A message's chunks in the database are not what its writer sent: its commit fails (the client gets 4xx)."""
+
+
+class NodeInUse(OSError):
+    """Another live relay runs with this node name on this queue: both would take each other's leases."""
 
 
 def _asOSError(failure: Failure) -> Failure:
@@ -82,6 +95,7 @@ class PostgresIncoming:
         self._queued: list[bytes] = []  # full chunks waiting for the one in flight
         self._sending = False
         self._seq = 0
+        self._octets = 0  # written by the client: the commit checks the database holds as many
         self._error: OSError | None = None
         self._state = "open"  # committing, committed, aborted
         self._cleanupAfter = False
@@ -95,6 +109,7 @@ class PostgresIncoming:
         if self._state != "open":
             raise ValueError("write after commit or abort")
         self._buffer += data
+        self._octets += len(data)
         size = self._store.chunkSize
         while len(self._buffer) >= size:
             self._queued.append(bytes(self._buffer[:size]))
@@ -165,7 +180,7 @@ class PostgresIncoming:
         try:
             if self._error is not None:
                 raise self._error
-            await self._store._submit("commit", envelope, self._seq, last)
+            await self._store._submit("commit", envelope, self._seq, last, self._octets)
         except BaseException:
             self._state = "aborted"
             self._store._cleanup(self.queue_id)
@@ -218,6 +233,7 @@ class PostgresQueueStore:
         self._renewal: Any = None
         self._stopped = False
         self._idle: list[Deferred[None]] = []
+        self._nodeLock: Any = None  # the connection holding this node's name (see _takeNode)
         self.transactions = 0  # batches committed, for tests and figures
 
     # -- plumbing --------------------------------------------------------
@@ -280,7 +296,7 @@ class PostgresQueueStore:
                 self.transactions += 1
             except psycopg.OperationalError:
                 raise
-            except psycopg.Error as e:
+            except (psycopg.Error, DataMismatch) as e:
                 if len(work) == 1:
                     return [e]
                 results = []
@@ -294,7 +310,7 @@ class PostgresQueueStore:
                         after.extend(mine)
                     except psycopg.OperationalError:
                         raise
-                    except psycopg.Error as e:
+                    except (psycopg.Error, DataMismatch) as e:
                         results.append(e)
         for action in after:
             try:
@@ -306,9 +322,19 @@ class PostgresQueueStore:
     def _apply(self, conn: Any, kind: str, args: tuple[Any, ...], after: list[Callable[[], None]]) -> Any:
         me = {"me": self.node, "lease": self.lease}
         if kind == "commit":
-            envelope, seq, last = args
+            envelope, seq, last, octets = args
             queueID = envelope.queue_id
             conn.execute("INSERT INTO message_chunks (id, seq, data) VALUES (%s, %s, %s)", [queueID, seq, last])
+            # Defence in depth: the chunks under this id are exactly the ones written, or nothing is committed.
+            chunks, length = conn.execute(
+                "SELECT count(*), coalesce(sum(octet_length(data)), 0) FROM message_chunks WHERE id = %s", [queueID]
+            ).fetchone()
+            if (chunks, length) != (seq + 1, octets):
+                raise DataMismatch(
+                    errno.EIO,
+                    f"message {queueID}: the database holds {chunks} chunks of {length} octets,"
+                    f" {seq + 1} chunks of {octets} octets were written; not committed",
+                )
             conn.execute(
                 "INSERT INTO messages (id, node, envelope, size, received_at, due, lease_owner, lease_until)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, now() + %s * interval '1 second')",
@@ -484,6 +510,8 @@ class PostgresQueueStore:
         self.pool.open(wait=True, timeout=30)
         with self.pool.connection() as conn:
             pgschema.migrate(conn)
+        self._takeNode()
+        with self.pool.connection() as conn:
             with conn.transaction():
                 # This node's leftovers: it restarted, so none of them is still being received or delivered.
                 conn.execute(
@@ -515,6 +543,41 @@ class PostgresQueueStore:
         # Counting a table costs time in proportion to it: the first scan counts.
         return None
 
+    def _takeNode(self) -> None:
+        """
+        Hold this node's name for the life of the process: a session-level
+        advisory lock (keyed by the schema and the name) on a connection of
+        its own, which the server releases when the process dies, however it
+        dies.  Two relays with one C{node} would each take the other's
+        leases and, at start-up, delete its incoming data: the second is
+        refused, as the filesystem store refuses a queue directory in use.
+
+        If the database server restarts, the lock goes with the connection:
+        a second relay started with the same name during that window is not
+        refused (a configuration error the lock only guards against).
+        """
+        import psycopg
+
+        if self._nodeLock is not None:
+            return
+        conn = psycopg.connect(self.pool.conninfo, **{**self.pool.kwargs, "autocommit": True})
+        try:
+            (taken,) = conn.execute(
+                "SELECT pg_try_advisory_lock(('x' || substr(md5('relay node ' || current_schema() || ' ' || %s),"
+                " 1, 16))::bit(64)::bigint)",
+                [self.node],
+            ).fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        if not taken:
+            conn.close()
+            raise NodeInUse(
+                f"[queue] node: node {self.node} is in use by another relay on this database"
+                " (give each relay its own node name)",
+            )
+        self._nodeLock = conn
+
     def scan(self, before: float, limit: int, exclude: Collection[str]) -> Deferred[QueueScan]:
         return self._db(self._scan, before, limit, list(exclude), True)
 
@@ -536,6 +599,16 @@ class PostgresQueueStore:
                 f"SELECT due, id FROM messages WHERE {where} ORDER BY due, id LIMIT %(limit)s",
                 {"exclude": exclude, "me": self.node, "limit": limit + 1},
             ).fetchall()
+            expiring = None
+            if visibleOnly:
+                # Messages other nodes hold now: visible once their leases end (the node died, or
+                # left them), so the earliest end is when this node's scheduler should look again.
+                (expiring,) = conn.execute(
+                    "SELECT extract(epoch FROM min(lease_until) - now()) FROM messages"
+                    " WHERE lease_owner IS NOT NULL AND lease_owner <> %(me)s AND lease_until >= now()"
+                    " AND NOT (id = ANY(%(exclude)s))",
+                    {"exclude": exclude, "me": self.node},
+                ).fetchone()
             conn.rollback()
         due = []
         later = None
@@ -545,6 +618,10 @@ class PostgresQueueStore:
             else:
                 later = when
                 break
+        if expiring is not None:
+            # In the caller's time (the scheduler's clock), a little after the database's end of the lease.
+            freed = self.clock.seconds() + float(expiring) + LEASE_SLACK
+            later = freed if later is None else min(later, freed)
         return QueueScan(due, total, later, oldest)
 
     def load(self, queueID: str) -> Deferred[Envelope]:
@@ -660,3 +737,6 @@ class PostgresQueueStore:
             self._idle.append(d)
             await d  # the changes handed over are done before the pool closes
         await self._db(self.pool.close)
+        if self._nodeLock is not None:
+            lock, self._nodeLock = self._nodeLock, None
+            await self._db(lock.close)
