@@ -7,7 +7,10 @@ connection per message and all of a session's messages on one (smtp-source
 durable before 250) and end to end (bench/endtoend.py: smtp-source → server →
 smtp-sink, first connection to last delivery).  A third table (bench/dkim.py)
 gives relay's durable acceptance with the dkim filter on beside the same
-runs without it, for the sizes up to 100 KB.  Each row gives both servers'
+runs without it, for the sizes up to 100 KB.  A fourth (bench/stores.py)
+gives relay's durable acceptance with the filesystem store beside the same
+runs with the postgres store on a private PostgreSQL server, for the sizes up
+to 100 KB on new connections, in at most 3 rounds.  Each row gives both servers'
 messages per second (medians of interleaved rounds), the median of the
 rounds' ratios beside issue 12's target for that size, and MB/s for the
 large sizes.  relay runs its default configuration throughout.
@@ -20,7 +23,7 @@ Needs root and Debian's postfix (for Postfix itself, smtp-source and
 smtp-sink); exits with one line saying so otherwise.
 
     .venv/bin/python bench/run.py [--sizes 2KB,100KB,1MB] [--rounds 5] [--settle SECONDS]
-        [--only acceptance|endtoend|dkim]
+        [--only acceptance|endtoend|dkim|stores]
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from pathlib import Path
 import acceptance
 import dkim as dkimbench
 import endtoend
+import pgpeer
+import stores as storesbench
 from common import (
     ROOT,
     TREE,
@@ -73,13 +78,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     addTableOptions(parser, rounds=5)
     addSettleOption(parser)
-    parser.add_argument("--only", choices=("acceptance", "endtoend", "dkim"), help="one table only")
+    parser.add_argument("--only", choices=("acceptance", "endtoend", "dkim", "stores"), help="one table only")
     args = parser.parse_args()
     requirePostfix()
     rows = {"acceptance": tableRows(args), "endtoend": tableRows(args)}
     rows["dkim"] = [row for row in tableRows(args) if row.size <= 100 * 1024]
+    rows["stores"] = [row for row in tableRows(args) if row.size <= 100 * 1024 and not row.reuse]
+    storeRounds = min(args.rounds, 3)
     if args.only:
         rows = {args.only: rows[args.only]}
+    skipped = pgpeer.available() if rows.get("stores") else None
+    if skipped is not None:
+        print(f"no postgres store table: {skipped}", flush=True)
+        rows.pop("stores")
     started = time.monotonic()
     work = workDirectory()
     print(describe(work), flush=True)
@@ -91,6 +102,8 @@ def main() -> int:
             endtoend.measure(work, rows["endtoend"], args.sessions, args.rounds)
         if rows.get("dkim"):
             dkimbench.measure(work, rows["dkim"], args.sessions, args.rounds)
+        if rows.get("stores"):
+            storesbench.measure(work, rows["stores"], args.sessions, storeRounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if "acceptance" in rows:
@@ -99,6 +112,8 @@ def main() -> int:
         endtoend.report(rows["endtoend"], args.sessions, args.rounds)
     if rows.get("dkim"):
         dkimbench.report(rows["dkim"], args.sessions, args.rounds)
+    if rows.get("stores"):
+        storesbench.report(rows["stores"], args.sessions, storeRounds)
     print(f"\n{time.monotonic() - started:.0f} s in all")
     return 0
 
