@@ -17,58 +17,16 @@ seconds apart, and the median of those ratios is the figure.
 
 from __future__ import annotations
 
-import argparse
-import itertools
-import shutil
 import sys
 from pathlib import Path
 
-from common import (
-    RELAY_BASE,
-    RelayProcess,
-    Row,
-    addSettleOption,
-    addTableOptions,
-    freePort,
-    printTable,
-    requirePostfix,
-    settle,
-    sizeLabel,
-    smtpSource,
-    tableRows,
-    target,
-    workDirectory,
-)
+from common import Row, freePort, holdRun, interleave, printTable, smtpSource, tableMain, target
 from postfixpeer import PostfixPeer
-
-CONFIG = (
-    RELAY_BASE
-    + """\
-[routes]
-localhost = local
-
-[queue]
-hold = yes
-"""
-)
-
-RUNS = itertools.count()
 
 
 def relayRun(work: Path, size: int, messages: int, sessions: int, reuse: bool) -> float:
     """One fresh relay process on an empty queue, one smtp-source run: messages per second."""
-    run = next(RUNS)
-    port = freePort()
-    text = CONFIG.format(state=work / f"accept-{run}", port=port)
-    with RelayProcess(work, text, port, work / f"accept-{run}.log") as relay:
-        seconds = smtpSource(port, messages, sessions, size, reuse, "sink@localhost")
-        # Logged as the 250 goes out: a moment at most after smtp-source saw it.
-        relay.wait("accepted", messages, timeout=30)
-        if relay.count("delivered"):
-            raise SystemExit(f"relay delivered in hold mode; see {relay.log}")
-    # The queue is kept until the end: deleting thousands of files here would
-    # leave the file system busy with that during the next run.
-    return messages / seconds
+    return holdRun(work, "accept", size, messages, sessions, reuse)[0]
 
 
 def postfixRun(peer: PostfixPeer, size: int, messages: int, sessions: int, reuse: bool) -> float:
@@ -87,24 +45,17 @@ def warmUp(work: Path, peer: PostfixPeer, sessions: int) -> None:
 
 
 def measure(work: Path, rows: list[Row], sessions: int, rounds: int) -> None:
-    """
-    Fill C{rows} with C{rounds} runs of each server, taking turns: within a
-    round each row's relay run and Postfix run are back to back, and who goes
-    first alternates from round to round.
-    """
+    """Fill C{rows} with C{rounds} runs of each server, taking turns (L{common.interleave})."""
     with PostfixPeer(work / "postfix-hold", freePort(), freePort(), hold=True) as peer:
         warmUp(work, peer, sessions)
-        for number in range(rounds):
-            for row in rows:
-                ours = (row.relay, relayRun, work)
-                theirs = (row.postfix, postfixRun, peer)
-                for rates, run, first in (ours, theirs) if number % 2 == 0 else (theirs, ours):
-                    rates.append(run(first, row.size, row.messages, sessions, row.reuse))
-                print(
-                    f"  accept round {number + 1}/{rounds} {sizeLabel(row.size)} {row.mode}:"
-                    f" relay {row.relay[-1]:.0f}/s postfix {row.postfix[-1]:.0f}/s",
-                    flush=True,
-                )
+        interleave(
+            rows,
+            rounds,
+            "accept",
+            ("relay", "postfix"),
+            lambda row: relayRun(work, row.size, row.messages, sessions, row.reuse),
+            lambda row: postfixRun(peer, row.size, row.messages, sessions, row.reuse),
+        )
 
 
 def report(rows: list[Row], sessions: int, rounds: int) -> None:
@@ -116,22 +67,5 @@ def report(rows: list[Row], sessions: int, rounds: int) -> None:
     )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    addTableOptions(parser, rounds=3)
-    addSettleOption(parser)
-    args = parser.parse_args()
-    requirePostfix()
-    rows = tableRows(args)
-    settle(args.settle)
-    work = workDirectory()
-    try:
-        measure(work, rows, args.sessions, args.rounds)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    report(rows, args.sessions, args.rounds)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(tableMain(__doc__.splitlines()[1], measure, report))

@@ -34,19 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import RELAY_BASE, RelayProcess, freePort, relayEnvironment, rss, workDirectory
+from common import RelayProcess, freePort, holdConfig, relayEnvironment, rss, workDirectory
 from postfixpeer import alive, children
-
-CONFIG = (
-    RELAY_BASE
-    + """\
-[routes]
-localhost = local
-
-[queue]
-hold = yes
-"""
-)
 
 RSS_TARGET = 300 * 1024 * 1024
 RESTART_TARGET = 2.0
@@ -223,7 +212,7 @@ def measure(work: Path, args: argparse.Namespace) -> bool:
     print(f"filled in {filled:.0f} s ({args.messages / filled:.0f} messages/s, durable)", flush=True)
 
     port = freePort()
-    text = CONFIG.format(state=work / "var", port=port)
+    text = holdConfig(work / "var", port)
     relay = QueueRelay(work, text, port, work / "relay-1.log", listenTimeout=args.timeout)
     began = time.monotonic()
     relay.start()

@@ -12,6 +12,7 @@ acceptance benchmark.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import shutil
@@ -61,6 +62,25 @@ relay_networks = 127.0.0.0/8
 [delivery:local]
 plugin = maildir
 """
+
+# The acceptance benchmarks' relay: everything held, nothing delivered while
+# measured.  [queue] is the last section, so that a bench can add its lines.
+HOLD_CONFIG = (
+    RELAY_BASE
+    + """\
+[routes]
+localhost = local
+
+[queue]
+hold = yes
+"""
+)
+
+
+def holdConfig(state: Path, port: int, queue: str = "") -> str:
+    """L{HOLD_CONFIG} for one run; C{queue}: more lines of its [queue] section."""
+    return HOLD_CONFIG.format(state=state, port=port) + queue
+
 
 KB = 1024
 MB = 1024 * 1024
@@ -290,6 +310,39 @@ class RelayProcess:
         self.stop()
 
 
+RUNS = itertools.count()
+
+
+def holdRun(
+    work: Path,
+    name: str,
+    size: int,
+    messages: int,
+    sessions: int,
+    reuse: bool,
+    config: Callable[[Path, int], str] = holdConfig,
+) -> tuple[float, Path, Path]:
+    """
+    One fresh relay process in hold mode on an empty queue, one smtp-source
+    run: messages per second, the run's state directory and its log, for the
+    checks a bench makes afterwards.  C{config(state, port)}: the relay's
+    configuration.  Every 250 must show up as an C{accepted} line and nothing
+    may be delivered, or the run fails.
+    """
+    number = next(RUNS)
+    state = work / f"{name}-{number}"
+    port = freePort()
+    with RelayProcess(work, config(state, port), port, work / f"{name}-{number}.log") as relay:
+        seconds = smtpSource(port, messages, sessions, size, reuse, "sink@localhost")
+        # Logged as the 250 goes out: a moment at most after smtp-source saw it.
+        relay.wait("accepted", messages, timeout=30)
+        if relay.count("delivered"):
+            raise SystemExit(f"relay delivered in hold mode; see {relay.log}")
+    # The queue is kept until the end: deleting thousands of files here would
+    # leave the file system busy with that during the next run.
+    return messages / seconds, state, relay.log
+
+
 def rss(pid: int) -> tuple[int, int]:
     """Resident and peak resident memory of C{pid}, in bytes."""
     fields = {}
@@ -359,6 +412,63 @@ def printTable(title: str, rows: list[Row], target: Callable[[int], float]) -> N
     sys.stdout.flush()
 
 
+def interleave(
+    rows: list[Row],
+    rounds: int,
+    label: str,
+    names: tuple[str, str],
+    first: Callable[[Row], float],
+    second: Callable[[Row], float],
+) -> None:
+    """
+    Fill C{row.relay} with C{first}'s runs and C{row.postfix} with
+    C{second}'s (messages per second), C{rounds} of each, taking turns:
+    within a round each row's two runs are back to back, so that the round's
+    ratio compares two runs seconds apart that share the disk's mood, and who
+    goes first alternates from round to round.  C{names}: the two sides in
+    the progress lines.
+    """
+    for number in range(rounds):
+        for row in rows:
+            ours = (row.relay, first)
+            theirs = (row.postfix, second)
+            for rates, run in (ours, theirs) if number % 2 == 0 else (theirs, ours):
+                rates.append(run(row))
+            print(
+                f"  {label} round {number + 1}/{rounds} {sizeLabel(row.size)} {row.mode}:"
+                f" {names[0]} {row.relay[-1]:.0f}/s {names[1]} {row.postfix[-1]:.0f}/s",
+                flush=True,
+            )
+
+
+def printVersus(title: str, rows: list[Row], base: str, other: str, ratio: str) -> None:
+    """
+    A table of relay against relay (C{row.relay}: the C{base} runs,
+    C{row.postfix}: the C{other} runs), with no target: the medians, the
+    median of the rounds' C{other}/C{base} ratios, and MB/s from 100 KB up.
+    """
+    print()
+    print(title)
+    width = max(8, len(f"{base} MB/s"), len(f"{other} MB/s"))
+    header = ("size", "mode", "messages", f"{base}/s", f"{other}/s", ratio, f"{base} MB/s", f"{other} MB/s")
+    print(
+        f"{header[0]:<7} {header[1]:<8} {header[2]:>8} {header[3]:>8} {header[4]:>8} {header[5]:>6}"
+        f" {header[6]:>{width}} {header[7]:>{width}}  {ratio} per round"
+    )
+    for row in rows:
+        ours, theirs = statistics.median(row.relay), statistics.median(row.postfix)
+        ratios = [b / a for a, b in zip(row.relay, row.postfix, strict=True)]
+        if row.size >= 100 * KB:
+            mbs = f"{ours * row.size / MB:>{width}.1f} {theirs * row.size / MB:>{width}.1f}"
+        else:
+            mbs = " " * (2 * width + 1)
+        print(
+            f"{sizeLabel(row.size):<7} {row.mode:<8} {row.messages:>8} {ours:>8.0f} {theirs:>8.0f}"
+            f" {statistics.median(ratios):>5.2f}x {mbs}  {' '.join(f'{r:.2f}' for r in ratios)}"
+        )
+    sys.stdout.flush()
+
+
 def target(size: int) -> float:
     """Issue 12: at least 1.5x Postfix for small messages, at least equal from 100 KB."""
     return 1.5 if size < 100 * KB else 1.0
@@ -401,6 +511,37 @@ def tableRows(args: argparse.Namespace) -> list[Row]:
     sizes = [parseSize(s) for s in args.sizes.split(",") if s.strip()]
     modes = {"new": (False,), "reuse": (True,), "both": (False, True)}[args.modes]
     return [Row(size, args.messages or defaultMessages(size), reuse) for size in sizes for reuse in modes]
+
+
+def tableMain(
+    description: str,
+    measure: Callable[[Path, list[Row], int, int], None],
+    report: Callable[[list[Row], int, int], None],
+    sizes: str | None = None,
+    require: Callable[[], None] = requirePostfix,
+) -> int:
+    """
+    A table bench run alone: its options, C{require} (exits with one line
+    when something is missing), the settling wait, C{measure} in a fresh work
+    directory removed afterwards, then C{report}.  C{sizes}: the default
+    C{--sizes} when not all of L{SIZES}.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    addTableOptions(parser, rounds=3)
+    addSettleOption(parser)
+    if sizes is not None:
+        parser.set_defaults(sizes=sizes)
+    args = parser.parse_args()
+    require()
+    rows = tableRows(args)
+    settle(args.settle)
+    work = workDirectory()
+    try:
+        measure(work, rows, args.sessions, args.rounds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(rows, args.sessions, args.rounds)
+    return 0
 
 
 def filesystemOf(path: Path) -> tuple[str, str]:

@@ -16,9 +16,7 @@ each round's ratio is one sample and their median is the figure.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import shutil
 import subprocess
 import sys
 import time
@@ -30,19 +28,14 @@ from common import (
     RELAY_BASE,
     RelayProcess,
     Row,
-    addSettleOption,
-    addTableOptions,
     freePort,
+    interleave,
     printTable,
-    requirePostfix,
-    settle,
-    sizeLabel,
     smtpSource,
-    tableRows,
+    tableMain,
     target,
     tool,
     waitListening,
-    workDirectory,
 )
 from postfixpeer import PostfixPeer
 
@@ -118,26 +111,19 @@ def smtpSink() -> Iterator[int]:
 
 
 def measure(work: Path, rows: list[Row], sessions: int, rounds: int) -> None:
-    """
-    Fill C{rows} with C{rounds} runs of each server, taking turns: within a
-    round each row's relay run and Postfix run are back to back, and who goes
-    first alternates from round to round.
-    """
+    """Fill C{rows} with C{rounds} runs of each server, taking turns (L{common.interleave})."""
     with smtpSink() as sink, PostfixPeer(work / "postfix-relay", freePort(), sink) as peer:
         # Not measured: start-up work falls here.
         relayRun(work, sink, 2048, 500, sessions, False)
         postfixRun(peer, 2048, 500, sessions, False)
-        for number in range(rounds):
-            for row in rows:
-                ours = (row.relay, relayRun, (work, sink))
-                theirs = (row.postfix, postfixRun, (peer,))
-                for rates, run, first in (ours, theirs) if number % 2 == 0 else (theirs, ours):
-                    rates.append(run(*first, row.size, row.messages, sessions, row.reuse))
-                print(
-                    f"  end-to-end round {number + 1}/{rounds} {sizeLabel(row.size)} {row.mode}:"
-                    f" relay {row.relay[-1]:.0f}/s postfix {row.postfix[-1]:.0f}/s",
-                    flush=True,
-                )
+        interleave(
+            rows,
+            rounds,
+            "end-to-end",
+            ("relay", "postfix"),
+            lambda row: relayRun(work, sink, row.size, row.messages, sessions, row.reuse),
+            lambda row: postfixRun(peer, row.size, row.messages, sessions, row.reuse),
+        )
 
 
 def report(rows: list[Row], sessions: int, rounds: int) -> None:
@@ -149,22 +135,5 @@ def report(rows: list[Row], sessions: int, rounds: int) -> None:
     )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    addTableOptions(parser, rounds=3)
-    addSettleOption(parser)
-    args = parser.parse_args()
-    requirePostfix()
-    rows = tableRows(args)
-    settle(args.settle)
-    work = workDirectory()
-    try:
-        measure(work, rows, args.sessions, args.rounds)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    report(rows, args.sessions, args.rounds)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(tableMain(__doc__.splitlines()[1], measure, report))
