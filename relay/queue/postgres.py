@@ -378,7 +378,7 @@ class PostgresQueueStore:
             (queueID,) = args
             cur = conn.execute(
                 "WITH old AS (SELECT id, lease_owner, lease_until < now() AS expired FROM messages"
-                " WHERE id = %(id)s FOR UPDATE)"
+                " WHERE id = %(id)s FOR UPDATE SKIP LOCKED)"
                 " UPDATE messages m SET lease_owner = %(me)s, lease_until = now() + %(lease)s * interval '1 second'"
                 " FROM old WHERE m.id = old.id"
                 " AND (old.lease_owner IS NULL OR old.lease_owner = %(me)s OR old.expired)"
@@ -669,6 +669,12 @@ class PostgresQueueStore:
         Lease a message for this node and make its data local: fires with the
         envelope as stored (fresher than a copy in memory if another node
         changed it), or C{None} if another live node holds it or it is gone.
+
+        The row is taken with C{SELECT ... FOR UPDATE SKIP LOCKED}: a row
+        another node's transaction has locked is being claimed or changed by
+        that node, so it is theirs (C{None}), and this node's batch, which
+        carries other sessions' commits, never waits behind another node's
+        transaction.
         """
         return Deferred.fromCoroutine(self._claim(queueID))
 
