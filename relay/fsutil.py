@@ -58,6 +58,26 @@ def makeDirectories(path: str | os.PathLike[str], mode: int = 0o700) -> list[Pat
     return created
 
 
+def replaceFile(path: Path, data: bytes) -> None:
+    """
+    Replace the file C{path} with C{data} so that a crash or a power cut
+    leaves either the old content or the new, whole: written to
+    C{NAME.tmp} beside it (mode 0600) and fsynced, renamed over C{path}, then
+    its directory fsynced.  The directory is created, durably, if missing.
+    Blocking: call it in a worker thread.
+    """
+    makeDirectories(path.parent)
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    fsyncDirectory(path.parent)
+
+
 def writeNow(descriptor: Any, data: bytes, send: Callable[[bytes], int]) -> None:
     """
     Write through C{send} at once when the Twisted C{descriptor} has nothing

@@ -22,7 +22,6 @@ The parsers are pure functions, fuzzed in C{tests/test_mtasts.py}.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from relay.fsutil import fsyncDirectory, makeDirectories
+from relay.fsutil import replaceFile
 
 log = Logger()
 
@@ -212,18 +211,8 @@ class PolicyCache:
 
     def put(self, domain: str, policy: Policy) -> None:
         """Blocking (file system): call it in a worker thread."""
-        makeDirectories(self.directory)
-        path = self._path(domain)
-        temporary = path.with_name(path.name + ".tmp")
-        data = json.dumps({"id": policy.id, "fetched": policy.fetched, "text": policy.text}).encode()
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-        fsyncDirectory(self.directory)
+        data = {"id": policy.id, "fetched": policy.fetched, "text": policy.text}
+        replaceFile(self._path(domain), json.dumps(data).encode())
 
     def remember(self, domain: str, policy: Policy) -> None:
         self._policies[domain] = policy

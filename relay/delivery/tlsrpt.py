@@ -21,7 +21,6 @@ import email.utils
 import gzip
 import io
 import json
-import os
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 
 from relay.delivery.mtasts import PinnedEndpoints, _why, readBody
-from relay.fsutil import fsyncDirectory, makeDirectories
+from relay.fsutil import replaceFile
 
 log = Logger()
 
@@ -307,17 +306,7 @@ class TLSReports:
 
     def save(self) -> None:
         """Blocking: write the counts atomically (temporary file, fsync, rename, directory fsync)."""
-        makeDirectories(self.directory)
-        temporary = self.path.with_name("counts.json.tmp")
-        data = json.dumps({"days": self.days}).encode()
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, self.path)
-        fsyncDirectory(self.directory)
+        replaceFile(self.path, json.dumps({"days": self.days}).encode())
 
     def _dirty(self) -> None:
         if self._saveTimer is None or not self._saveTimer.active():
