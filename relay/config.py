@@ -561,18 +561,29 @@ def _threads(r: _Reader) -> ThreadSettings:
     )
 
 
+def _listedSections(r: _Reader, key: str, kind: str) -> list[str]:
+    """
+    The names C{[policy] key} lists, in order: each must have its
+    C{[kind:NAME]} section and be listed once, and every such section must be
+    listed, since one left out would be silently unused.
+    """
+    named = _words(r.get("policy", key, "") or "")
+    for name in named:
+        if f"{kind}:{name}" not in r.sections:
+            raise r.error("policy", key, f"no [{kind}:{name}] section")
+        if named.count(name) > 1:
+            raise r.error("policy", key, f"{name!r} is listed twice")
+    for section in r.named(kind):
+        name = section.partition(":")[2]
+        if name not in named:
+            raise r.error("policy", key, f"does not list {name!r}, so [{section}] is unused")
+    return named
+
+
 def _filters(r: _Reader) -> tuple[FilterSection, ...]:
     """[policy] filters and their [filter:NAME] sections, each listed once, none unused."""
     default = r.convert("policy", "filter_timeout", "60s", _positive(parse_duration, "filter_timeout"))
-    named = _words(r.get("policy", "filters", "") or "")
-    for name in named:
-        if f"filter:{name}" not in r.sections:
-            raise r.error("policy", "filters", f"no [filter:{name}] section")
-        if named.count(name) > 1:
-            raise r.error("policy", "filters", f"{name!r} is listed twice")
-    for section in r.named("filter"):
-        if section.partition(":")[2] not in named:
-            raise r.error("policy", "filters", f"does not list {section.partition(':')[2]!r}, so [{section}] is unused")
+    named = _listedSections(r, "filters", "filter")
     filters = []
     for name in named:
         section = f"filter:{name}"
@@ -690,17 +701,7 @@ def load(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = Non
         raise r.error("policy", "max_recipients", "must be at least 1")
     validatorTimeout = r.convert("policy", "validator_timeout", "30s", _positive(parse_duration, "validator_timeout"))
 
-    validatorSections = r.named("validator")
-    named = _words(r.get("policy", "validators", "") or "")
-    for name in named:
-        if f"validator:{name}" not in r.sections:
-            raise r.error("policy", "validators", f"no [validator:{name}] section")
-        if named.count(name) > 1:
-            raise r.error("policy", "validators", f"{name!r} is listed twice")
-    for section in validatorSections:
-        name = section.partition(":")[2]
-        if name not in named:
-            raise r.error("policy", "validators", f"does not list {name!r}, so [{section}] is unused")
+    named = _listedSections(r, "validators", "validator")
     validators = tuple(r.plugin(f"validator:{name}") for name in named)
 
     queueValues = r.sections.get("queue", {})

@@ -620,6 +620,10 @@ def test_error_message_format(tmp_path: Path) -> None:
             "twice",
         ),
         ("[validator:spam]\nplugin = x\n", "policy", "validators", "[validator:spam] is unused"),
+        # filters: the same checks as validators
+        ("[policy]\nfilters = sign\n", "policy", "filters", "no [filter:sign] section"),
+        ("[policy]\nfilters = sign sign\n[filter:sign]\nplugin = dkim\n", "policy", "filters", "twice"),
+        ("[filter:sign]\nplugin = dkim\n", "policy", "filters", "does not list 'sign', so [filter:sign] is unused"),
         (
             "[policy]\nvalidators = users\n[validator:users]\nfile = x\n",
             "validator:users",
