@@ -6,6 +6,7 @@ Every wait is bounded; every process started is stopped by its PID.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,18 +79,40 @@ def alive(pid: int) -> bool:
         return False
 
 
-# The start of every test configuration: a listener on {port}, loopback may relay.
-HEAD = """\
+# The [relay] section of every test configuration.
+RELAY_SECTION = """\
 [relay]
 hostname = relay.test
 postmaster = postmaster@localhost
 state_dir = {state}
+"""
+
+# The start of most test configurations: a listener on {port}, loopback may relay.
+HEAD = (
+    RELAY_SECTION
+    + """\
 
 [listener:smtp]
 endpoint = tcp:{port}:interface=127.0.0.1
 
 [policy]
 relay_networks = 127.0.0.0/8
+"""
+)
+
+# For tests that look at what would have left: localhost into its maildir,
+# every other domain into a maildir under outbound/ in the relay's directory.
+OUTBOUND_MAILDIR = """\
+[delivery:local]
+plugin = maildir
+
+[delivery:out]
+plugin = maildir
+path = outbound/{{domain}}/{{local}}
+
+[routes]
+localhost = local
+* = out
 """
 
 MINIMAL = (
@@ -211,8 +235,44 @@ class Relay:
         return sorted(new.iterdir()) if new.is_dir() else []
 
 
-def smarthostConfig(state: Path, port: int, peer: int, queue: str = "retry = 1s", policy: str = "") -> str:
-    return SMARTHOST.format(state=state, port=port, peer=peer, queue=queue, policy=policy)
+def smarthostConfig(
+    state: Path, port: int, peer: int, queue: str = "retry = 1s", policy: str = "", relayNetworks: str = ""
+) -> str:
+    """
+    L{SMARTHOST} for one relay; C{queue} and C{policy}: the lines of those
+    sections; C{relayNetworks}: who may relay instead of all of loopback.
+    """
+    text = SMARTHOST.format(state=state, port=port, peer=peer, queue=queue, policy=policy)
+    if relayNetworks:
+        text = text.replace("relay_networks = 127.0.0.0/8\n", f"relay_networks = {relayNetworks}\n", 1)
+    return text
+
+
+RELAYCTL = str(Path(sys.executable).parent / "relayctl")
+
+
+def ctl(relay: Relay, *argv: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    """C{relayctl} on the relay's configuration: its exit status, output and errors."""
+    proc = subprocess.run(
+        [RELAYCTL, "--config", str(relay.config), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=relay.workdir,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def ctlJSON(relay: Relay, *argv: str, timeout: float = 60.0) -> Any:
+    """C{relayctl ... --json}, which must succeed: what it printed, parsed."""
+    status, out, err = ctl(relay, *argv, "--json", timeout=timeout)
+    assert status == 0, err
+    return json.loads(out)
+
+
+def queueJSON(relay: Relay) -> list[dict]:
+    """Every message of the relay's queue, as C{relayctl queue --json} lists them."""
+    return ctlJSON(relay, "queue")
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from entrypoints import MODULE, install
+from relayproc import RELAY_SECTION
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import log
 
@@ -25,11 +26,9 @@ from relay.errors import ConfigError, OptionError
 from relay.interfaces import IDeliveryBackendFactory, IRecipientValidatorFactory
 from relay.service import buildService
 
-CONFIG = """\
-[relay]
-hostname = relay.test
-postmaster = postmaster@localhost
-state_dir = {state}
+CONFIG = (
+    RELAY_SECTION
+    + """\
 
 [listener:smtp]
 endpoint = tcp:0:interface=127.0.0.1
@@ -44,6 +43,7 @@ plugin = {plugin}
 localhost = local
 * = filed
 """
+)
 
 
 @pytest.fixture

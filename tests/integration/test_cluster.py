@@ -16,11 +16,9 @@ flushes and deletes mail the other received.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import smtplib
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -31,11 +29,10 @@ from typing import Any
 
 import pytest
 from peers import Handler, SMTPPeer
-from relayproc import Relay, freePort, smarthostConfig, waitFor
+from relayproc import Relay, ctl, ctlJSON, freePort, queueJSON, smarthostConfig, waitFor
 
 pytestmark = pytest.mark.integration
 
-RELAYCTL = str(Path(sys.executable).parent / "relayctl")
 TOOK_OVER = re.compile(r"took over (\w+) from node (\S+) whose lease expired")
 
 
@@ -85,27 +82,8 @@ def node(tmp_path: Path, name: str, dsn: str, peer: int, queue: str = "", port: 
     return Relay(workdir, config=config, port=port)
 
 
-def ctl(relay: Relay, *argv: str, timeout: float = 60.0) -> tuple[int, str, str]:
-    proc = subprocess.run(
-        [RELAYCTL, "--config", str(relay.config), *argv],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=relay.workdir,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def queueJSON(relay: Relay) -> list[dict]:
-    status, out, err = ctl(relay, "queue", "--json")
-    assert status == 0, err
-    return json.loads(out)
-
-
 def queued(relay: Relay) -> int:
-    status, out, err = ctl(relay, "stats", "--json")
-    assert status == 0, err
-    return json.loads(out)["messages"]
+    return ctlJSON(relay, "stats")["messages"]
 
 
 @pytest.fixture

@@ -8,19 +8,16 @@ addresses, ports), and the queue holds the mail so that nothing leaves
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import smtplib
 import ssl
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from certs import PKI
 from haproxy import HAProxy
-from relayproc import Relay, freePort, tool, waitFor
+from relayproc import Relay, ctlJSON, freePort, tool, waitFor
 
 from relay.config import parse_duration
 from relay.smtp.auth import hashPassword
@@ -134,7 +131,6 @@ def test_the_smart_host_configuration_runs_as_documented(tmp_path):
         relay.stop()
 
 
-RELAYCTL = str(Path(sys.executable).parent / "relayctl")
 CLIENT = "127.0.0.2"  # stands for the internal network; HAProxy connects from 127.0.0.1
 
 
@@ -218,24 +214,10 @@ def test_the_cluster_runs_as_documented(tmp_path, pgcluster):
             assert waitFor(lambda relay=relay: "event=accepted" in relay.logText(), 10), relay.logText()
             assert "client=127.0.0.2" in relay.logText()
         for relay in relays:
-            out = subprocess.run(
-                [RELAYCTL, "--config", str(relay.config), "stats", "--json"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            assert out.returncode == 0, out.stderr
-            stats = json.loads(out.stdout)
+            stats = ctlJSON(relay, "stats", timeout=30)
             print(f"relayctl stats on {relay.workdir.name}: {stats}")
             assert stats["messages"] == 5  # the shared queue, whichever relay took each message
-            listed = subprocess.run(
-                [RELAYCTL, "--config", str(relay.config), "queue", "--json"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            assert listed.returncode == 0, listed.stderr
-            assert len(json.loads(listed.stdout)) == 5
+            assert len(ctlJSON(relay, "queue", timeout=30)) == 5
     finally:
         haproxy.stop()
         for relay in relays:

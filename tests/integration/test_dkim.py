@@ -13,25 +13,14 @@ import dkim
 import dns.resolver
 import pytest
 from dnszone import TXT, DNSZone, Zone
-from relayproc import freePort, waitFor
+from relayproc import freePort, smarthostConfig, waitFor
 from scriptedpeer import LaxPeer
 from test_filters_dkim import edKey, rsaKey
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """\
-[relay]
-hostname = relay.test
-postmaster = postmaster@localhost
-state_dir = {state}
-
-[listener:smtp]
-endpoint = tcp:{port}:interface=127.0.0.1
-
-[policy]
-relay_networks = 127.0.0.2/32
-local_domains = localhost
-filters = org net
+# Two signing domains on a relay whose relay client is 127.0.0.2 alone.
+FILTERS = """\
 
 [filter:org]
 plugin = dkim
@@ -44,22 +33,6 @@ plugin = dkim
 domain = example.net
 selector = ed1
 private_key = {ed}
-
-[queue]
-retry = 1s
-
-[delivery:local]
-plugin = maildir
-
-[delivery:upstream]
-plugin = smarthost
-host = 127.0.0.1
-port = {peer}
-tls = none
-
-[routes]
-localhost = local
-* = upstream
 """
 
 
@@ -99,7 +72,9 @@ def test_relayed_mail_is_signed_and_verifies_outside_mail_is_not(relay, tmp_path
     peer = LaxPeer().start()
     try:
         port = freePort()
-        config = CONFIG.format(state=tmp_path / "var", port=port, peer=peer.port, rsa=rsaPath, ed=edPath)
+        config = smarthostConfig(
+            tmp_path / "var", port, peer.port, policy="filters = org net", relayNetworks="127.0.0.2/32"
+        ) + FILTERS.format(rsa=rsaPath, ed=edPath)
         r = relay(config=config, port=port).start()
         with smtplib.SMTP("127.0.0.1", r.port, timeout=20, source_address=("127.0.0.2", 0)) as inside:
             assert inside.sendmail("ann@example.org", ["bob@far.example"], message("ann@example.org")) == {}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from certs import PKI
-from relayproc import Relay, freePort, tool, waitFor
+from relayproc import OUTBOUND_MAILDIR, RELAY_SECTION, Relay, freePort, tool, waitFor
 
 from relay.queue import fsworker
 from relay.queue.filesystem import QUEUE_ID
@@ -26,11 +26,9 @@ pytestmark = pytest.mark.integration
 PASSWORD = "s3cret pass"
 BODY = b"Subject: esmtp\r\n\r\nhello\r\n"
 
-CONFIG = """\
-[relay]
-hostname = relay.test
-postmaster = postmaster@localhost
-state_dir = {state}
+CONFIG = (
+    RELAY_SECTION
+    + """\
 
 [listener:smtp]
 endpoint = tcp:{smtp}:interface=127.0.0.1
@@ -62,17 +60,9 @@ passwords = {passwords}
 local_domains = localhost
 relay_networks =
 
-[delivery:local]
-plugin = maildir
-
-[delivery:out]
-plugin = maildir
-path = outbound/{{domain}}/{{local}}
-
-[routes]
-localhost = local
-* = out
 """
+    + OUTBOUND_MAILDIR
+)
 
 
 class Rig:

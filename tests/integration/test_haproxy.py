@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from certs import PKI
 from haproxy import HAProxy
-from relayproc import Relay, freePort, tool, waitFor
+from relayproc import OUTBOUND_MAILDIR, RELAY_SECTION, Relay, freePort, tool, waitFor
 
 pytestmark = pytest.mark.integration
 
@@ -66,11 +66,9 @@ backend relays_v1
     server relay1 127.0.0.1:{relay_v1} send-proxy
 """
 
-RELAY_CFG = """\
-[relay]
-hostname = relay.test
-postmaster = postmaster@localhost
-state_dir = {state}
+RELAY_CFG = (
+    RELAY_SECTION
+    + """\
 
 [listener:smtp]
 endpoint = tcp:{relay_smtp}:interface=127.0.0.1
@@ -98,17 +96,9 @@ relay_networks = 127.0.0.2/32
 [queue]
 retry = 1h
 
-[delivery:local]
-plugin = maildir
-
-[delivery:out]
-plugin = maildir
-path = outbound/{{domain}}/{{local}}
-
-[routes]
-localhost = local
-* = out
 """
+    + OUTBOUND_MAILDIR
+)
 
 CLIENT = "127.0.0.2"  # in relay_networks; HAProxy itself connects from 127.0.0.1, which is not
 BODY = b"Subject: proxied\r\n\r\nhello\r\n"

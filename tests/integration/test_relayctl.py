@@ -13,30 +13,9 @@ from __future__ import annotations
 import json
 import smtplib
 import subprocess
-import sys
-from pathlib import Path
 
-from relayproc import freePort, smarthostConfig, tool, waitFor
+from relayproc import RELAYCTL, ctl, freePort, queueJSON, smarthostConfig, tool, waitFor
 from scriptedpeer import LaxPeer
-
-RELAYCTL = str(Path(sys.executable).parent / "relayctl")
-
-
-def ctl(relay, *argv: str, timeout: float = 30.0) -> tuple[int, str, str]:
-    proc = subprocess.run(
-        [RELAYCTL, "--config", str(relay.config), *argv],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=relay.workdir,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def queueJSON(relay) -> list[dict]:
-    status, out, err = ctl(relay, "queue", "--json")
-    assert status == 0, err
-    return json.loads(out)
 
 
 def send(relay, sender: str, recipients: list[str], subject: str) -> None:
