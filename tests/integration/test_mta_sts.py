@@ -140,19 +140,27 @@ def policyServer(pki: PKI, start, domain: str, text: str) -> PolicyServer:
     return server
 
 
-def test_enforce_skips_an_mx_not_in_the_policy_and_delivers_verified(relay, tmp_path, world):
+# sts.test's MX: a preferred one the policy does not name, without a certificate, then the one it names.
+ROGUE_AND_GOOD = [(10, "rogue.sts.test", "127.0.0.2"), (20, "mx.sts.test", "127.0.0.3")]
+
+
+def rogueAndGood(relay, tmp_path, world) -> tuple[Relay, PolicyServer, SMTPPeer, SMTPPeer, int]:
+    """
+    sts.test in enforce mode with the MX of L{ROGUE_AND_GOOD}, and a relay
+    started on it: the relay, the policy server, the rogue and the good MX,
+    and the MX port.
+    """
     pki, start = world
     port = freeOnAll(["127.0.0.2", "127.0.0.3"])
-    dns = start(
-        DNSServer(
-            tmp_path,
-            {"sts.test": zone("sts.test", [(10, "rogue.sts.test", "127.0.0.2"), (20, "mx.sts.test", "127.0.0.3")])},
-        )
-    )
+    dns = start(DNSServer(tmp_path, {"sts.test": zone("sts.test", ROGUE_AND_GOOD)}))
     policy = policyServer(pki, start, "sts.test", policyText("enforce", "mx.sts.test"))
     rogue = start(SMTPPeer(host="127.0.0.2", port=port))
     good = start(SMTPPeer(host="127.0.0.3", port=port, certificate=pki.issue("mx.sts.test", name="mx")))
-    r = startRelay(relay, tmp_path, dns, pki, port, policy.port)
+    return startRelay(relay, tmp_path, dns, pki, port, policy.port), policy, rogue, good, port
+
+
+def test_enforce_skips_an_mx_not_in_the_policy_and_delivers_verified(relay, tmp_path, world):
+    r, policy, rogue, good, _ = rogueAndGood(relay, tmp_path, world)
     send(r.port, ["someone@sts.test"])
     assert waitForMessages(good, 1), r.logText()[-3000:]
     assert rogue.messages == [] and rogue.handler.ehlos == 0  # never even connected to
@@ -215,20 +223,14 @@ def test_testing_mode_delivers_and_logs_the_failure(relay, tmp_path, world):
 
 def test_the_cached_policy_holds_when_the_policy_server_is_down(relay, tmp_path, world):
     pki, start = world
-    port = freeOnAll(["127.0.0.2", "127.0.0.3"])
-    mx = [(10, "rogue.sts.test", "127.0.0.2"), (20, "mx.sts.test", "127.0.0.3")]
-    dns = start(DNSServer(tmp_path, {"sts.test": zone("sts.test", mx)}))
-    policy = policyServer(pki, start, "sts.test", policyText("enforce", "mx.sts.test"))
-    rogue = start(SMTPPeer(host="127.0.0.2", port=port))
-    good = start(SMTPPeer(host="127.0.0.3", port=port, certificate=pki.issue("mx.sts.test", name="mx")))
-    r = startRelay(relay, tmp_path, dns, pki, port, policy.port)
+    r, policy, rogue, good, port = rogueAndGood(relay, tmp_path, world)
     send(r.port, ["first@sts.test"])
     assert waitForMessages(good, 1), r.logText()[-3000:]
     r.stop()
     policy.stop()
     # A new policy id: the restarted relay tries to fetch it, fails, and keeps the cached one.
     (tmp_path / "dns2").mkdir()
-    dns2 = start(DNSServer(tmp_path / "dns2", {"sts.test": zone("sts.test", mx, stsID="2")}))
+    dns2 = start(DNSServer(tmp_path / "dns2", {"sts.test": zone("sts.test", ROGUE_AND_GOOD, stsID="2")}))
     config, relayPort = relayConfig(tmp_path, dns2, pki, port, policy.port)
     r2 = relay(config=config, port=relayPort).start()
     send(r2.port, ["second@sts.test"])
