@@ -261,6 +261,11 @@ class IQueueStore(Interface):
       - C{leaseOwner(queue_id)}: a Deferred of the name of the relay holding
         a live lease on it, or C{None}: named when an operator's command
         gives up waiting for it.
+      - C{rescanWithin}: an attribute, seconds: the scheduler scans at least
+        this often.  Another relay may take leases after a scan and die
+        holding them; whatever the last scan saw, its mail is then found
+        within this time of its leases' end, not at the next periodic
+        rescan (minutes).
     """
 
     def recover():

@@ -814,6 +814,24 @@ def test_shared_store_a_dead_nodes_messages_are_delivered_by_another(sharedNodes
     assert [call[2] for call in backendB.calls] == [b"Subject: x\r\n\r\nbody\r\n"] * 2  # data fetched by b
 
 
+def test_shared_store_mail_of_a_node_that_died_after_the_last_scan_is_found_within_a_lease(sharedNodes):
+    """
+    b's scan saw an empty queue (no lease of a's to wait for); a then
+    received a message and died.  b looks again within one lease (the
+    store's rescanWithin), not at the periodic rescan five minutes on.
+    """
+    dsn, clock, nodes = sharedNodes({"r@x.example": [OK]})
+    (storeA, _, _), (storeB, backendB, b) = nodes["a"], nodes["b"]
+    b.recovered(None)
+    clock.advance(0)
+    assert b.scans >= 1 and backendB.calls == []
+    queued = queue(storeA, clock, "r@x.example")
+    expireLeases(dsn)
+    assert b.rescanInterval == storeB.rescanWithin < 300
+    clock.advance(storeB.rescanWithin)
+    assert [call[0] for call in backendB.calls] == [queued.queue_id]
+
+
 def test_shared_store_the_stored_state_wins_over_memory(sharedNodes):
     """
     b holds a message in memory, due now; a held it meanwhile (an operator

@@ -223,6 +223,9 @@ class PostgresQueueStore:
         self.spool = self.path / "spool"
         self.node = node
         self.lease = lease
+        # IQueueStore's optional rescanWithin: a scan that saw no other node's lease cannot
+        # know of leases taken after it, so the scheduler looks again within one lease.
+        self.rescanWithin = lease + LEASE_SLACK
         self.chunkSize = chunkSize
         self._blocking = blocking
         self.clock = clock

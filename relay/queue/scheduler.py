@@ -181,6 +181,9 @@ class Scheduler(Service):
         self.horizon = horizon
         self.scanSpacing = scanSpacing
         self.rescanInterval = rescanInterval
+        within = getattr(store, "rescanWithin", None)  # a shared store's bound (IQueueStore)
+        if within:
+            self.rescanInterval = min(rescanInterval, float(within))
         self.storeRetry = storeRetry
         self.recoveryRate = recoveryRate
         self.recoverySpread = recoverySpread
