@@ -59,9 +59,7 @@ def edKey(tmp_path: Path, name: str = "ed.pem") -> tuple[Path, bytes]:
 
 
 def context(tmp: Path) -> PluginContext:
-    return PluginContext(
-        reactor=None, hostname="mx.example.org", postmaster="postmaster@example.org", state_dir=tmp
-    )
+    return PluginContext(reactor=None, hostname="mx.example.org", postmaster="postmaster@example.org", state_dir=tmp)
 
 
 def signer(tmp_path: Path, key: Path, **options: str) -> dkimfilter.DKIMSigner:
