@@ -27,7 +27,7 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from relayproc import HEAD, children, freePort, listening, tool, waitFor
+from relayproc import children, freePort, listening, smarthostConfig, tool, waitFor
 from scriptedmilter import CONTINUE, Script, ScriptedMilterServer
 from scriptedpeer import LaxPeer
 
@@ -36,32 +36,6 @@ from relay.milter import protocol as P
 pytestmark = pytest.mark.integration
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
-
-CONFIG = (
-    HEAD
-    + """\
-local_domains = localhost
-filters = {filters}
-
-{sections}
-
-[queue]
-retry = 1h
-
-[delivery:local]
-plugin = maildir
-
-[delivery:upstream]
-plugin = smarthost
-host = 127.0.0.1
-port = {peer}
-tls = none
-
-[routes]
-localhost = local
-* = upstream
-"""
-)
 
 
 def message(subject: str = "hello", body: bytes = b"Hello,\r\n\r\na clean message.\r\n") -> bytes:
@@ -78,7 +52,9 @@ def message(subject: str = "hello", body: bytes = b"Hello,\r\n\r\na clean messag
 def startRelay(relay, tmp_path, peer: LaxPeer, sections: dict[str, str]):
     port = freePort()
     text = "\n".join(f"[filter:{name}]\n{body}" for name, body in sections.items())
-    config = CONFIG.format(state=tmp_path / "var", port=port, peer=peer.port, filters=" ".join(sections), sections=text)
+    config = smarthostConfig(
+        tmp_path / "var", port, peer.port, queue="retry = 1h", policy=f"filters = {' '.join(sections)}\n\n{text}"
+    )
     return relay(config=config, port=port).start()
 
 
