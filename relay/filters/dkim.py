@@ -85,12 +85,36 @@ class RelaxedBodyHash:
         self._empty = 0  # empty lines seen and not yet written: written only if something follows
 
     def update(self, data: bytes) -> None:
+        # A whole block at a time, not line by line: a line-by-line loop held the
+        # interpreter for milliseconds per 100 KB message.
         if self._tail:
             data = self._tail + data
-        lines = data.split(b"\r\n")
-        self._tail = lines.pop()
-        for line in lines:
-            self._line(_WSP.sub(b" ", line).rstrip(b" "))
+        cut = data.rfind(b"\r\n")
+        if cut < 0:
+            self._tail = data
+            return
+        lines, self._tail = data[:cut], data[cut + 2 :]  # complete lines, joined by CRLF
+        # Runs of WSP become one SP with bytes.replace (a regular expression scanned
+        # 100 KB in 2.5 ms even where nothing matched), then no SP before CRLF.
+        if b"\t" in lines:
+            lines = lines.replace(b"\t", b" ")
+        while b"  " in lines:
+            lines = lines.replace(b"  ", b" ")
+        lines = lines.replace(b" \r\n", b"\r\n")
+        if lines.endswith(b" "):
+            lines = lines[:-1]
+        # Empty lines at the end of these wait: they count only if something follows.
+        end, empty = len(lines), 0
+        while end >= 2 and lines[end - 2 : end] == b"\r\n":
+            end -= 2
+            empty += 1
+        if end == 0:
+            self._empty += empty + 1  # every line of the block is empty
+            return
+        if self._empty:
+            self._hash.update(b"\r\n" * self._empty)
+        self._hash.update(lines[:end] + b"\r\n")
+        self._empty = empty
 
     def _line(self, line: bytes) -> None:
         if not line:
