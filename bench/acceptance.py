@@ -7,7 +7,8 @@ Both sides make every message durable before 250 and deliver nothing while
 measured: Postfix puts every message on hold, relay runs with
 ``[queue] hold = yes`` and otherwise its default configuration.  Each relay
 run is a fresh process on a fresh queue; every 250 must show up as an
-``accepted`` log line (relay) or a held queue file (Postfix), or the run fails.
+``accepted`` log line (relay) or a held queue file (Postfix), or the run fails;
+then its queue is deleted and synced, unmeasured (see common.discardQueue).
 After an unmeasured warm-up run of each, the servers take turns, round after
 round (who goes first alternates); each round's ratio compares two runs
 seconds apart, and the median of those ratios is the figure.
@@ -17,16 +18,19 @@ seconds apart, and the median of those ratios is the figure.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-from common import Row, freePort, holdRun, interleave, printTable, smtpSource, tableMain, target
+from common import Row, discardQueue, freePort, holdRun, interleave, printTable, smtpSource, tableMain, target
 from postfixpeer import PostfixPeer
 
 
 def relayRun(work: Path, size: int, messages: int, sessions: int, reuse: bool) -> float:
     """One fresh relay process on an empty queue, one smtp-source run: messages per second."""
-    return holdRun(work, "accept", size, messages, sessions, reuse)[0]
+    rate, state, _ = holdRun(work, "accept", size, messages, sessions, reuse)
+    discardQueue(state)
+    return rate
 
 
 def postfixRun(peer: PostfixPeer, size: int, messages: int, sessions: int, reuse: bool) -> float:
@@ -35,6 +39,8 @@ def postfixRun(peer: PostfixPeer, size: int, messages: int, sessions: int, reuse
     held = peer.queued() - before
     if held != messages:
         raise SystemExit(f"postfix held {held} of {messages} messages; see {peer.directory / 'maillog'}")
+    peer.deleteQueued()  # as discardQueue does for the relay
+    os.sync()
     return messages / seconds
 
 

@@ -20,7 +20,7 @@ import itertools
 import sys
 from pathlib import Path
 
-from common import Row, holdConfig, holdRun, interleave, printVersus, requirePostfix, tableMain
+from common import Row, discardQueue, holdConfig, holdRun, interleave, printVersus, requirePostfix, tableMain
 
 FILTERS = """\
 [filter:dkim]
@@ -63,6 +63,7 @@ def run(work: Path, size: int, messages: int, sessions: int, reuse: bool, key: P
         b"DKIM-Signature:" in p.read_bytes()[:8192] for p in itertools.islice(state.rglob("*"), 200) if p.is_file()
     ):
         raise SystemExit(f"no DKIM-Signature found in the queue of {state}; see {log}")
+    discardQueue(state)
     return rate
 
 

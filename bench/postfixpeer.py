@@ -229,6 +229,14 @@ class PostfixPeer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def deleteQueued(self) -> None:
+        """Delete every queued message (held ones included), as C{postsuper -d ALL} does."""
+        result = subprocess.run(
+            [postfixTool("postsuper"), "-c", str(self.etc), "-d", "ALL"], timeout=120, capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise SystemExit(f"postsuper -d ALL failed: {result.stderr.strip()}")
+
     def queued(self) -> int:
         """Messages in Postfix's queue: received, not yet delivered (held ones included)."""
         total = 0

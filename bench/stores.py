@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pgpeer
-from common import Row, holdConfig, holdRun, interleave, printVersus, requirePostfix, tableMain
+from common import Row, discardQueue, holdConfig, holdRun, interleave, printVersus, requirePostfix, tableMain
 
 POSTGRES = "store = postgres\ndsn = {dsn}\nnode = bench\n"
 DEFAULT_SIZES = "2KB,100KB"
@@ -30,7 +30,7 @@ def run(work: Path, size: int, messages: int, sessions: int, reuse: bool, server
     """One fresh relay process on an empty queue (C{server}: a fresh database of it), one smtp-source run."""
     dsn = server.createdb("bench") if server is not None else None
     queue = POSTGRES.format(dsn=dsn) if dsn else ""
-    rate, _, log = holdRun(
+    rate, state, log = holdRun(
         work, "stores", size, messages, sessions, reuse, lambda state, port: holdConfig(state, port, queue)
     )
     if dsn is not None:
@@ -40,6 +40,7 @@ def run(work: Path, size: int, messages: int, sessions: int, reuse: bool, server
             (rows,) = conn.execute("SELECT count(*) FROM messages").fetchone()
         if rows != messages:
             raise SystemExit(f"the postgres store holds {rows} of {messages} messages; see {log}")
+    discardQueue(state)
     return rate
 
 
