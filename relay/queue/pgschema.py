@@ -18,7 +18,7 @@ LOCK_KEY = 0x72656C617971
 # version -> the statements that bring the schema from version - 1 to it.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
-        # One row per committed message.  The envelope is JSON (Envelope.toJSON), never pickle;
+        # One row per committed message.  The envelope is JSON (Envelope.toJSON), readable by any client;
         # due is the caller's POSIX time (the scheduler's clock); leases are the database's time,
         # so the nodes' clocks need not agree on them.
         """CREATE TABLE messages (
