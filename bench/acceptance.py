@@ -8,7 +8,7 @@ measured: Postfix puts every message on hold, relay runs with
 ``[queue] hold = yes`` and otherwise its default configuration.  Each relay
 run is a fresh process on a fresh queue; every 250 must show up as an
 ``accepted`` log line (relay) or a held queue file (Postfix), or the run fails;
-then its queue is deleted and synced, unmeasured (see common.discardQueue).
+a run of big messages then has its queue deleted, unmeasured (common.discardQueue).
 After an unmeasured warm-up run of each, the servers take turns, round after
 round (who goes first alternates); each round's ratio compares two runs
 seconds apart, and the median of those ratios is the figure.
@@ -22,25 +22,39 @@ import os
 import sys
 from pathlib import Path
 
-from common import Row, discardQueue, freePort, holdRun, interleave, printTable, smtpSource, tableMain, target
+from common import (
+    DISCARD_FROM,
+    Row,
+    discardQueue,
+    freePort,
+    holdRun,
+    interleave,
+    printTable,
+    smtpSource,
+    tableMain,
+    target,
+)
 from postfixpeer import PostfixPeer
 
 
 def relayRun(work: Path, size: int, messages: int, sessions: int, reuse: bool) -> float:
     """One fresh relay process on an empty queue, one smtp-source run: messages per second."""
     rate, state, _ = holdRun(work, "accept", size, messages, sessions, reuse)
-    discardQueue(state)
+    discardQueue(state, size)
     return rate
 
 
 def postfixRun(peer: PostfixPeer, size: int, messages: int, sessions: int, reuse: bool) -> float:
-    before = peer.queued()
+    before = peer.queueIDs()
     seconds = smtpSource(peer.port, messages, sessions, size, reuse, "sink@localhost")
-    held = peer.queued() - before
-    if held != messages:
-        raise SystemExit(f"postfix held {held} of {messages} messages; see {peer.directory / 'maillog'}")
-    peer.deleteQueued()  # as discardQueue does for the relay
-    os.sync()
+    held = peer.queueIDs() - before
+    if len(held) != messages:
+        raise SystemExit(f"postfix held {len(held)} of {messages} messages; see {peer.directory / 'maillog'}")
+    if size >= DISCARD_FROM:  # as discardQueue does for the relay
+        peer.deleteQueued(held)
+        if peer.queueIDs() & held:
+            raise SystemExit("postsuper left messages of the run in Postfix's queue")
+        os.sync()
     return messages / seconds
 
 

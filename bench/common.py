@@ -341,14 +341,24 @@ def holdRun(
     return messages / seconds, state, relay.log
 
 
-def discardQueue(state: Path) -> None:
+# A measured run's queue is thrown away only when it holds big messages.
+DISCARD_FROM = 512 * KB
+
+
+def discardQueue(state: Path, size: int) -> None:
     """
-    Throw away a measured run's queue and wait until the file system has
-    written that out, outside the measured time, so that the next run (of
-    either server) starts on a disk in the same state.  Kept to the end of
-    a full ``make bench``, the held queues grew to gigabytes, and this
-    machine's disk slowed by the last rounds of the 1 MB rows.
+    Throw away a measured run's queue of big messages and write that out,
+    outside the measured time; keep the others to the end.  Kept, the 1 MB
+    runs' queues grew to gigabytes over a full ``make bench`` and this
+    machine's disk slowed in the later rounds (1 MB -d acceptance 1.19,
+    1.23, 0.84, 0.87, 0.80 round by round, against 1.06-1.21 for the same
+    rows run alone).  Deleting the thousands of files of small-message runs
+    costs the next runs instead: ext4 without a journal checks each new
+    inode against those freed in the last minute (2 KB -d fell from 1.7x to
+    1.27x when every queue was deleted).  A 1 MB run is 200 files.
     """
+    if size < DISCARD_FROM:
+        return
     shutil.rmtree(state)
     os.sync()
 

@@ -63,7 +63,7 @@ def run(work: Path, size: int, messages: int, sessions: int, reuse: bool, key: P
         b"DKIM-Signature:" in p.read_bytes()[:8192] for p in itertools.islice(state.rglob("*"), 200) if p.is_file()
     ):
         raise SystemExit(f"no DKIM-Signature found in the queue of {state}; see {log}")
-    discardQueue(state)
+    discardQueue(state, size)
     return rate
 
 

@@ -229,13 +229,27 @@ class PostfixPeer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def deleteQueued(self) -> None:
-        """Delete every queued message (held ones included), as C{postsuper -d ALL} does."""
+    def queueIDs(self) -> set[str]:
+        """The queue ids of the messages in Postfix's queue (held ones included)."""
+        found: set[str] = set()
+        for name in QUEUES:
+            for _, _, files in os.walk(self.directory / "spool" / name):
+                found.update(files)
+        return found
+
+    def deleteQueued(self, ids: set[str]) -> None:
+        """Delete these queued messages, as C{postsuper -d -} does with ids on its input."""
+        if not ids:
+            return
         result = subprocess.run(
-            [postfixTool("postsuper"), "-c", str(self.etc), "-d", "ALL"], timeout=120, capture_output=True, text=True
+            [postfixTool("postsuper"), "-c", str(self.etc), "-d", "-"],
+            input="".join(f"{queueID}\n" for queueID in sorted(ids)),
+            timeout=120,
+            capture_output=True,
+            text=True,
         )
         if result.returncode != 0:
-            raise SystemExit(f"postsuper -d ALL failed: {result.stderr.strip()}")
+            raise SystemExit(f"postsuper -d failed: {result.stderr.strip()}")
 
     def queued(self) -> int:
         """Messages in Postfix's queue: received, not yet delivered (held ones included)."""

@@ -40,7 +40,7 @@ def run(work: Path, size: int, messages: int, sessions: int, reuse: bool, server
             (rows,) = conn.execute("SELECT count(*) FROM messages").fetchone()
         if rows != messages:
             raise SystemExit(f"the postgres store holds {rows} of {messages} messages; see {log}")
-    discardQueue(state)
+    discardQueue(state, size)
     return rate
 
 
