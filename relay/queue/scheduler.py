@@ -188,6 +188,7 @@ class Scheduler(Service):
         self.recoveryRate = recoveryRate
         self.recoverySpread = recoverySpread
         self.claimWaits = tuple(claimWaits)
+        self._shared = getattr(store, "claim", None) is not None  # IQueueStore's optional claim()
         self._claimed: set[str] = set()  # claimed through the store by an operator's command
         self._busy: Counter[tuple[str, str]] = Counter()
         self._holding: dict[str, set[tuple[str, str]]] = {}  # attempts in flight, until stored
@@ -660,7 +661,7 @@ class Scheduler(Service):
             d.addErrback(lambda f: self.log.warn("could not end the claim on {queue_id}: {e}", queue_id=queueID, e=f))
 
     async def _attempt(self, envelope: Envelope) -> None:
-        if getattr(self.store, "claim", None) is not None:
+        if self._shared:
             claimed = await self._claimForAttempt(envelope)
             if claimed is None:
                 return
@@ -888,7 +889,7 @@ class Scheduler(Service):
                 waiting: Deferred[None] = Deferred()
                 self._attempted.setdefault(queueID, []).append(waiting)
                 await waiting
-            if getattr(self.store, "claim", None) is not None:
+            if self._shared:
                 return await self._claimShared(queueID)
             return await self.find(queueID)
         except BaseException:
@@ -1006,7 +1007,7 @@ class Scheduler(Service):
 
     async def _due(self, envelope: Envelope) -> None:
         now = self.clock.seconds()
-        if envelope.queue_id in self._envelopes and getattr(self.store, "claim", None) is None:
+        if envelope.queue_id in self._envelopes and not self._shared:
             self._push(envelope.queue_id, now)  # in memory: due now; the store learns at the attempt
             return
         changed = envelope.copy()
@@ -1029,12 +1030,11 @@ class Scheduler(Service):
                 return False
             return domain is None or any(matchesDomain(r.address, domain) for r in envelope.pending())
 
-        shared = getattr(self.store, "claim", None) is not None
         for queueID, envelope in list(self._envelopes.items()):
             if queueID not in self._active and queueID not in self._operating and wanted(envelope):
-                if shared:
+                if self._shared:
                     # The stored due time is what an attempt's claim goes by: store it as now.
-                    count += await self._flushShared(queueID, wanted)
+                    count += await self._flushOne(queueID, wanted)
                     continue
                 self._push(queueID, now)
                 count += 1
@@ -1046,21 +1046,11 @@ class Scheduler(Service):
                 count += 1  # due already: the next scan takes it
                 self._noteDisk(due)
                 continue
-            try:
-                envelope = await self._claim(queueID)
-            except (UnknownMessage, OperationRefused):
-                continue
-            try:
-                if wanted(envelope):
-                    await self._due(envelope)
-                    count += 1
-            except OperationRefused as e:
-                self.log.warn("flush: {error}", error=str(e))
-            finally:
-                self._release(queueID)
+            count += await self._flushOne(queueID, wanted)
         return count
 
-    async def _flushShared(self, queueID: str, wanted: Callable[[Envelope], bool]) -> int:
+    async def _flushOne(self, queueID: str, wanted: Callable[[Envelope], bool]) -> int:
+        """Claim one message and make it due now if C{wanted}: 1 if it was, else 0 (gone, busy, or refused)."""
         try:
             envelope = await self._claim(queueID)
         except (UnknownMessage, OperationRefused):
